@@ -1,0 +1,89 @@
+"""amp_cohorts_async: an asyncio client for Amplitude's Behavioral Cohorts API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._client import CohortsClient
+from ._config import Limits, PollPolicy, RateWindow, RetryPolicy
+from ._exceptions import (
+    AmplitudeError,
+    APIStatusError,
+    AuthenticationError,
+    CohortJobError,
+    DownloadError,
+    InvalidRequestError,
+    NotFoundError,
+    PartialWriteError,
+    QuotaExceededError,
+    RateLimitError,
+    ResponseValidationError,
+    ServerError,
+    TransportError,
+)
+from ._members import iter_members
+from ._models import (
+    Cohort,
+    CohortOutcome,
+    CohortRequest,
+    DownloadResult,
+    IdType,
+    MembershipChange,
+    MembershipIdType,
+    MembershipOutcome,
+    MembershipResult,
+    Operation,
+    ProgressEvent,
+    RequestStatus,
+    SyncMetadata,
+    UploadResult,
+    Usage,
+)
+
+__all__ = (
+    "APIStatusError",
+    "AmplitudeError",
+    "AuthenticationError",
+    "Cohort",
+    "CohortJobError",
+    "CohortOutcome",
+    "CohortRequest",
+    "CohortsClient",
+    "DownloadError",
+    "DownloadResult",
+    "IdType",
+    "InvalidRequestError",
+    "Limits",
+    "MembershipChange",
+    "MembershipIdType",
+    "MembershipOutcome",
+    "MembershipResult",
+    "NotFoundError",
+    "Operation",
+    "PartialWriteError",
+    "PollPolicy",
+    "ProgressEvent",
+    "QuotaExceededError",
+    "RateLimitError",
+    "RateWindow",
+    "RequestStatus",
+    "ResponseValidationError",
+    "RetryPolicy",
+    "ServerError",
+    "SyncMetadata",
+    "TransportError",
+    "UploadResult",
+    "Usage",
+    "iter_members",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("amp-cohorts-async")
+        except PackageNotFoundError:
+            return "0+unknown"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,123 @@
+"""Small frozen configuration values, validated at construction."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import attrs
+import httpx
+
+from ._exceptions import InvalidRequestError
+
+__all__ = ("REGIONS", "Limits", "PollPolicy", "RateWindow", "RetryPolicy", "resolve_base_url")
+
+REGIONS: dict[str, str] = {
+    "us": "https://amplitude.com",
+    "eu": "https://analytics.eu.amplitude.com",
+}
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise InvalidRequestError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def _non_negative(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise InvalidRequestError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def _int(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidRequestError(f"{attribute.name} must be an int, got {value!r}")
+
+
+@attrs.frozen
+class RateWindow:
+    """Never more than ``max_requests`` cohort requests in ANY interval of ``seconds``."""
+
+    max_requests: int = attrs.field(validator=[_int, _positive])
+    seconds: float = attrs.field(validator=_positive)
+
+
+def _windows(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(w, RateWindow) for w in value):
+        raise InvalidRequestError("cohort_requests must be a tuple of RateWindow")
+
+
+def _non_negative_opt(inst: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None:
+        _non_negative(inst, attribute, value)
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """Amplitude's documented limits; every request of a client obeys them."""
+
+    max_concurrent_requests: int = attrs.field(default=5, validator=[_int, _positive])
+    cohort_requests: tuple[RateWindow, ...] = attrs.field(
+        default=(RateWindow(60, 600.0), RateWindow(4, 60.0)),
+        converter=tuple,
+        validator=_windows,
+    )
+    max_jobs_in_flight: int | None = attrs.field(default=None, validator=[_int, _positive])
+    monthly_quota: int | None = attrs.field(default=500, validator=[_int, _non_negative_opt])
+    max_ids_per_request: int = attrs.field(default=100_000, validator=[_int, _positive])
+    max_cohort_size: int = attrs.field(default=2_000_000, validator=[_int, _positive])
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """Full-jitter exponential backoff for 429, 5xx and transport errors."""
+
+    max_attempts: int = attrs.field(default=6, validator=[_int, _positive])
+    initial_delay: float = attrs.field(default=0.5, validator=_non_negative)
+    max_delay: float = attrs.field(default=30.0, validator=_non_negative)
+    max_retry_after: float = attrs.field(default=120.0, validator=_non_negative)
+
+
+@attrs.frozen(kw_only=True)
+class PollPolicy:
+    """How an export job's status is polled, and how long a job may take."""
+
+    initial_interval: float = attrs.field(default=2.0, validator=_positive)
+    max_interval: float = attrs.field(default=30.0, validator=_positive)
+    multiplier: float = attrs.field(default=1.5, validator=_positive)
+    jitter: float = attrs.field(default=0.2, validator=_non_negative)
+    deadline: float | None = attrs.field(default=3600.0, validator=_positive)
+
+    @jitter.validator
+    def _check_jitter(self, _attribute: attrs.Attribute[float], value: float) -> None:
+        if value >= 1:
+            raise InvalidRequestError(f"jitter must be < 1, got {value!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_base_url(region: str, base_url: str | None) -> httpx.URL:
+    """The Amplitude origin to talk to; plain http only for loopback hosts."""
+    if base_url is None:
+        if region not in REGIONS:
+            raise InvalidRequestError(
+                f"unknown region {region!r}; expected one of {', '.join(sorted(REGIONS))}"
+            )
+        return httpx.URL(REGIONS[region])
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise InvalidRequestError(f"invalid base_url: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise InvalidRequestError("base_url must be an absolute http(s) URL")
+    if url.scheme == "http" and not _is_loopback(url.host):
+        raise InvalidRequestError(
+            "plain http:// base_url is only accepted for loopback hosts; use https://"
+        )
+    return url.copy_with(query=None, fragment=None)

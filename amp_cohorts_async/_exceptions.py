@@ -1,0 +1,142 @@
+"""The one error tree of amp_cohorts_async.
+
+```
+AmplitudeError                      base of everything raised
+├── InvalidRequestError (also ValueError)   bad input caught before any request is sent
+├── TransportError                  connection / timeout failures after retries
+├── APIStatusError                  .status_code .type .message .metadata .response
+│   ├── AuthenticationError         401 / 403
+│   ├── NotFoundError               404
+│   ├── RateLimitError              429  (.retry_after: float | None)
+│   └── ServerError                 5xx
+├── ResponseValidationError         a body that does not match the documented shape
+├── QuotaExceededError              the monthly quota would be exceeded
+├── CohortJobError                  export job failed or passed its deadline
+├── DownloadError                   the file could not be fetched intact
+└── PartialWriteError               an upload/membership update stopped part-way (what was applied)
+```
+
+Errors are raised from ``_http.py`` (the HTTP boundary) and the workflow modules; no
+``httpx`` or ``cattrs`` exception ever reaches a caller.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = (
+    "APIStatusError",
+    "AmplitudeError",
+    "AuthenticationError",
+    "CohortJobError",
+    "DownloadError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "PartialWriteError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "ResponseValidationError",
+    "ServerError",
+    "TransportError",
+)
+
+
+class AmplitudeError(Exception):
+    """Base class of every error this library raises."""
+
+
+class InvalidRequestError(AmplitudeError, ValueError):
+    """Bad input, caught before any request was sent."""
+
+
+class TransportError(AmplitudeError):
+    """The connection failed or timed out, after the retries allowed."""
+
+
+class APIStatusError(AmplitudeError):
+    """Amplitude (or S3) answered with an error status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        type: str | None = None,
+        metadata: Any = None,
+        response: httpx.Response | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.type = type
+        self.metadata = metadata
+        self.response = response
+
+    def __str__(self) -> str:
+        kind = f" {self.type}" if self.type else ""
+        return f"HTTP {self.status_code}{kind}: {self.message}"
+
+
+class AuthenticationError(APIStatusError):
+    """401 or 403: the credentials were refused."""
+
+
+class NotFoundError(APIStatusError):
+    """404: no such cohort, request id or file."""
+
+
+class RateLimitError(APIStatusError):
+    """429: a limit was hit. ``retry_after`` is the server's hint in seconds, if any."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class ServerError(APIStatusError):
+    """5xx: the server failed."""
+
+
+class ResponseValidationError(AmplitudeError):
+    """A 2xx body that does not have the documented shape."""
+
+
+class QuotaExceededError(AmplitudeError):
+    """The monthly cohort-request quota would be exceeded."""
+
+
+class CohortJobError(AmplitudeError):
+    """An export job failed or passed its deadline."""
+
+
+class DownloadError(AmplitudeError):
+    """The cohort file could not be fetched intact."""
+
+
+class PartialWriteError(AmplitudeError):
+    """An upload or membership update failed part-way: some chunks were applied, some not.
+
+    ``applied_chunks`` of ``total_chunks`` requests succeeded (``applied_ids`` ids);
+    ``pending_ids`` lists, per input change (or the one upload), the ids not applied, so the
+    caller can resume with exactly those. ``__cause__`` is the error that stopped it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cohort_id: str | None,
+        applied_chunks: int,
+        total_chunks: int,
+        applied_ids: int,
+        pending_ids: list[list[str]],
+    ) -> None:
+        super().__init__(message)
+        self.cohort_id = cohort_id
+        self.applied_chunks = applied_chunks
+        self.total_chunks = total_chunks
+        self.applied_ids = applied_ids
+        self.pending_ids = pending_ids

@@ -1,0 +1,169 @@
+"""Atomic file writing: a temp file beside the target, fsync, rename, fsync the directory.
+
+Every blocking call runs in a worker thread so a 200 MB file never stalls the event loop.
+Until ``commit()`` nothing is visible at the target path; ``discard()`` (also run when the
+writer is cancelled) removes the temp file even under cancellation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import re
+import secrets
+import zlib
+from typing import IO, Any
+
+import anyio
+
+from ._exceptions import DownloadError
+
+__all__ = ("AtomicWriter", "safe_filename")
+
+BATCH_BYTES = 1 << 20  # one worker-thread call per MiB: few hops, small stalls
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def safe_filename(cohort_id: str, suffix: str = ".csv") -> str:
+    """A file name derived from ``cohort_id`` that cannot leave its directory.
+
+    Letters, digits, ``_`` and ``-`` are kept; anything else (dots and slashes included)
+    becomes ``_``, and then a short hash of the id is appended so two ids never collide.
+    """
+    cleaned = _UNSAFE.sub("_", cohort_id)[:100]
+    if cleaned != cohort_id or not cleaned:
+        cleaned = f"{cleaned}-{hashlib.sha256(cohort_id.encode()).hexdigest()[:10]}"
+    return cleaned + suffix
+
+
+def _open_temp(path: pathlib.Path) -> IO[bytes]:
+    return open(path, "xb")
+
+
+class AtomicWriter:
+    """Receives raw (possibly gzip-encoded) chunks, writes decoded bytes, hashes them."""
+
+    def __init__(self, target: pathlib.Path) -> None:
+        self.target = target
+        self.temp = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
+        self._file: IO[bytes] | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.raw_bytes = 0  # of the representation on the wire (for Range and Content-Length)
+        self.size_bytes = 0  # decoded, on disk
+        self._hash = hashlib.sha256()
+        self._gunzip: Any = None
+        self.encoding: str | None = None
+
+    # -- thread-side work -------------------------------------------------------------------
+    def _write_chunks(self, chunks: list[bytes], gunzip: Any) -> int:
+        assert self._file is not None
+        written = 0
+        for chunk in chunks:
+            data = gunzip.decompress(chunk) if gunzip is not None else chunk
+            if data:
+                self._file.write(data)
+                self._hash.update(data)
+                written += len(data)
+        return written
+
+    def _write_tail(self, data: bytes) -> int:
+        assert self._file is not None
+        if data:
+            self._file.write(data)
+            self._hash.update(data)
+        return len(data)
+
+    def _sync_and_rename(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.temp, self.target)
+        directory = os.open(self.target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def _remove(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        self.temp.unlink(missing_ok=True)
+
+    def _truncate(self) -> None:
+        assert self._file is not None
+        self._file.seek(0)
+        self._file.truncate()
+
+    # -- async API ------------------------------------------------------------------------
+    async def __aenter__(self) -> AtomicWriter:
+        try:
+            self._file = await anyio.to_thread.run_sync(_open_temp, self.temp)
+        except OSError as exc:
+            raise DownloadError(f"cannot create {self.temp.name} in {self.target.parent}: "
+                                f"{exc.strerror or exc}") from None
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None or self._file is not None:
+            # Failed, cancelled, or left without commit: remove the temp file, even if cancelled.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._remove)
+
+    def start_representation(self, encoding: str | None) -> None:
+        """A fresh body begins (status 200): decode it as ``encoding``."""
+        self.encoding = encoding
+        if encoding == "gzip":
+            self._gunzip = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        elif encoding in (None, "identity"):
+            self._gunzip = None
+        else:
+            raise DownloadError(f"unsupported Content-Encoding {encoding!r}")
+
+    async def restart(self, encoding: str | None) -> None:
+        """Throw away what was written: the server sent the whole body again."""
+        await self._drain()
+        await anyio.to_thread.run_sync(self._truncate)
+        self._reset_counters()
+        self.start_representation(encoding)
+
+    async def feed(self, chunk: bytes) -> None:
+        self.raw_bytes += len(chunk)
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if self._pending_size >= BATCH_BYTES:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        if not self._pending:
+            return
+        chunks, self._pending, self._pending_size = self._pending, [], 0
+        try:
+            self.size_bytes += await anyio.to_thread.run_sync(
+                self._write_chunks, chunks, self._gunzip
+            )
+        except zlib.error as exc:
+            raise DownloadError(f"corrupt gzip body: {exc}") from None
+        except OSError as exc:
+            raise DownloadError(f"cannot write {self.target}: {exc.strerror or exc}") from None
+
+    async def commit(self) -> str:
+        """Write what is left, fsync, rename into place; returns the sha256 hex digest."""
+        await self._drain()
+        try:
+            if self._gunzip is not None:
+                if not self._gunzip.eof:
+                    raise DownloadError("gzip body ended early")
+                self.size_bytes += await anyio.to_thread.run_sync(self._write_tail,
+                                                                   self._gunzip.flush())
+            await anyio.to_thread.run_sync(self._sync_and_rename)
+        except OSError as exc:
+            raise DownloadError(f"cannot write {self.target}: {exc.strerror or exc}") from None
+        self._file = None
+        return self._hash.hexdigest()

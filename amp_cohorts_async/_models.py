@@ -1,0 +1,225 @@
+"""Typed, frozen models of what the API sends and what the workflows return."""
+
+from __future__ import annotations
+
+import enum
+import pathlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+import attrs
+
+from ._exceptions import AmplitudeError, InvalidRequestError
+
+__all__ = (
+    "Cohort",
+    "CohortOutcome",
+    "CohortRequest",
+    "DownloadResult",
+    "IdType",
+    "MembershipChange",
+    "MembershipIdType",
+    "MembershipOutcome",
+    "MembershipResult",
+    "Operation",
+    "Phase",
+    "ProgressEvent",
+    "RequestStatus",
+    "SyncMetadata",
+    "UploadResult",
+    "Usage",
+)
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+class IdType(enum.StrEnum):
+    """The kind of ids sent to ``upload_cohort``."""
+
+    BY_AMP_ID = "BY_AMP_ID"
+    BY_USER_ID = "BY_USER_ID"
+
+
+class MembershipIdType(enum.StrEnum):
+    """The kind of ids in a membership change (``BY_ID`` = Amplitude/group id)."""
+
+    BY_ID = "BY_ID"
+    BY_NAME = "BY_NAME"
+
+
+class Operation(enum.StrEnum):
+    ADD = "ADD"
+    REMOVE = "REMOVE"
+
+
+def coerce_enum(kind: type[E], value: object, what: str) -> E:
+    """``kind(value)``, raising InvalidRequestError that lists the valid values."""
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return kind(value)
+    except ValueError:
+        valid = ", ".join(member.value for member in kind)
+        raise InvalidRequestError(f"{what} must be one of {valid}; got {value!r}") from None
+
+
+def _wire(name: str) -> dict[str, str]:
+    return {"wire": name}
+
+
+@attrs.frozen(kw_only=True)
+class SyncMetadata:
+    target: str | None = None
+    frequency: str | None = None
+    last_successful: datetime | None = None
+    last_failure: datetime | None = None
+    params: dict[str, Any] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Cohort:
+    """One cohort as ``list_cohorts`` returns it. Unknown fields are ignored."""
+
+    id: str
+    name: str | None = None
+    app_id: int | None = attrs.field(default=None, metadata=_wire("appId"))
+    archived: bool | None = None
+    definition: dict[str, Any] | None = None
+    description: str | None = None
+    finished: bool | None = None
+    owners: list[str] | None = None
+    viewers: list[str] | None = None
+    published: bool | None = None
+    size: int | None = None
+    type: str | None = None
+    last_mod: datetime | None = attrs.field(default=None, metadata=_wire("lastMod"))
+    created_at: datetime | None = attrs.field(default=None, metadata=_wire("createdAt"))
+    last_computed: datetime | None = attrs.field(default=None, metadata=_wire("lastComputed"))
+    hidden: bool | None = None
+    metadata: Any = None
+    view_count: int | None = None
+    popularity: float | None = None
+    last_viewed: datetime | None = None
+    chart_id: str | None = None
+    edit_id: str | None = None
+    is_predictive: bool | None = None
+    is_official_content: bool | None = None
+    location_id: str | None = None
+    shortcut_ids: list[str] | None = None
+    sync_metadata: list[SyncMetadata] = attrs.field(
+        factory=list, metadata=_wire("syncMetadata")
+    )
+
+
+@attrs.frozen(kw_only=True)
+class CohortRequest:
+    """The handle of an export job started by ``request_cohort``."""
+
+    request_id: str
+    cohort_id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RequestStatus:
+    request_id: str
+    cohort_id: str | None = None
+    async_status: str | None = None
+    done: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class DownloadResult:
+    cohort_id: str | None
+    request_id: str
+    path: pathlib.Path
+    size_bytes: int
+    sha256: str
+
+
+@attrs.frozen(kw_only=True)
+class CohortOutcome:
+    """One cohort's fate in ``download_cohorts``: exactly one of result / error is set."""
+
+    cohort_id: str
+    result: DownloadResult | None = None
+    error: AmplitudeError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@attrs.frozen(kw_only=True)
+class Usage:
+    limit: int
+    usage: int
+    resets_at: datetime
+    remaining: int
+
+
+@attrs.frozen(kw_only=True)
+class UploadResult:
+    """An upload, summed over the requests it was split into."""
+
+    cohort_id: str
+    matched: int
+    totals: int
+    invalid_ids_sample: list[str]
+    duplicates_removed: int = 0
+    requests_sent: int = 1
+
+
+def _ids_sequence(value: Any) -> Sequence[str]:
+    if isinstance(value, str | bytes):
+        raise InvalidRequestError("ids must be a sequence of strings, not a single string")
+    if not isinstance(value, Sequence):
+        try:
+            return tuple(value)
+        except TypeError:
+            raise InvalidRequestError(f"ids must be a sequence of strings; got {value!r}") from None
+    return value
+
+
+def _membership_id_type(value: object) -> MembershipIdType:
+    return coerce_enum(MembershipIdType, value, "id_type")
+
+
+def _operation(value: object) -> Operation:
+    return coerce_enum(Operation, value, "operation")
+
+
+@attrs.frozen(kw_only=True)
+class MembershipChange:
+    """Add or remove ``ids`` (of ``id_type``) in a cohort."""
+
+    ids: Sequence[str] = attrs.field(converter=_ids_sequence)
+    id_type: MembershipIdType = attrs.field(converter=_membership_id_type)
+    operation: Operation = attrs.field(converter=_operation)
+
+
+@attrs.frozen(kw_only=True)
+class MembershipOutcome:
+    skipped_ids: list[str]
+    id_type: MembershipIdType | str
+    operation: Operation | str
+
+
+@attrs.frozen(kw_only=True)
+class MembershipResult:
+    cohort_id: str
+    memberships_result: list[MembershipOutcome]
+    requests_sent: int = 1
+
+
+Phase = Literal["queued", "requested", "polling", "waiting", "downloading", "done", "failed"]
+
+
+@attrs.frozen(kw_only=True)
+class ProgressEvent:
+    cohort_id: str
+    phase: Phase
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    wait_seconds: float | None = None

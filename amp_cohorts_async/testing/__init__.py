@@ -1,0 +1,29 @@
+"""Test helpers: FakeAmplitude, an emulator of the Cohorts API and its S3 hand-off.
+
+In-process::
+
+    fake = FakeAmplitude()
+    fake.add_cohort("abc", size=1000)
+    async with CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport()) as c:
+        ...
+
+Over loopback sockets::
+
+    async with fake.serve() as base_url:
+        async with CohortsClient(fake.api_key, fake.secret_key, base_url=base_url) as c:
+            ...
+"""
+
+from ._data import FakeCohort, Member
+from ._fake import FakeAmplitude, FakeRequest, FakeResponse, Fault, LoggedRequest, Violation
+
+__all__ = (
+    "FakeAmplitude",
+    "FakeCohort",
+    "FakeRequest",
+    "FakeResponse",
+    "Fault",
+    "LoggedRequest",
+    "Member",
+    "Violation",
+)
