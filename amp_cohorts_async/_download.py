@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from os import PathLike
 from typing import TYPE_CHECKING
 
@@ -286,6 +286,9 @@ class Downloader:
     ) -> None:
         """Append a 200/206 body to ``writer``; raise _Incomplete if it ends short."""
         encoding = response.headers.get("Content-Encoding", "").strip().lower() or None
+        preloaded = response.is_stream_consumed  # a mock transport already read (and decoded) it
+        if preloaded:
+            encoding = None
         if response.status_code == 206:
             start, end, total = self._content_range(response)
             if start != writer.raw_bytes:
@@ -299,14 +302,15 @@ class Downloader:
             else:
                 writer.start_representation(encoding)
             length = response.headers.get("Content-Length")
-            expected = int(length) if length and length.isdigit() else None
+            expected = int(length) if length and length.isdigit() and not preloaded else None
             bytes_total = expected
         else:
             raise DownloadError(f"unexpected HTTP {response.status_code} for the cohort file")
         received = 0
         next_report = 0
         try:
-            async for chunk in response.aiter_raw():
+            body = _preloaded(response.content) if preloaded else response.aiter_raw()
+            async for chunk in body:
                 received += len(chunk)
                 await writer.feed(chunk)
                 if writer.raw_bytes >= next_report:
@@ -330,3 +334,7 @@ class Downloader:
         total = None if match.group(3) == "*" else int(match.group(3))
         return int(match.group(1)), int(match.group(2)), total
 
+
+
+async def _preloaded(content: bytes) -> AsyncIterator[bytes]:
+    yield content

@@ -157,11 +157,65 @@ class FakeCohort:
         return data
 
 
+class _Spool(io.RawIOBase):
+    """A write-then-read buffer: memory first, an unnamed temp file past 8 MiB."""
+
+    _LIMIT = 8 << 20
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer: IO[bytes] = io.BytesIO()
+        self._on_disk = False
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        written = self._buffer.write(data)
+        if not self._on_disk and self._buffer.tell() > self._LIMIT:
+            disk = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+            disk.write(self._buffer.getvalue())  # type: ignore[attr-defined]
+            self._buffer = disk
+            self._on_disk = True
+        return written
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._buffer.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._buffer.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._buffer.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._buffer.tell()
+
+    def flush(self) -> None:
+        self._buffer.flush()
+
+    def close(self) -> None:
+        super().close()  # flushes first, while the buffer is still open
+        self._buffer.close()
+
+
 def render_export(
     cohort: FakeCohort, *, props: bool, prop_keys: Sequence[str], gzip_level: int | None
 ) -> IO[bytes]:
-    """The export file as Amplitude writes it: header, every field quoted. Blocking."""
-    spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115
+    """The export file as Amplitude writes it: header, every field quoted. Blocking.
+
+    Small files stay in memory; from 8 MiB on they move to an unnamed temp file, which
+    ``FakeAmplitude.close()`` closes.
+    """
+    spool = _Spool()
     text = io.TextIOWrapper(spool, encoding="utf-8", newline="", write_through=False)
     writer = csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator="\n")
     if cohort.group_type is not None:
@@ -180,7 +234,7 @@ def render_export(
     spool.seek(0)
     if gzip_level is None:
         return spool
-    packed: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115
+    packed = _Spool()
     with gzip.GzipFile(fileobj=packed, mode="wb", compresslevel=gzip_level, mtime=0) as zipped:
         shutil.copyfileobj(spool, zipped, 1 << 20)
     spool.close()

@@ -257,6 +257,19 @@ class FakeAmplitude:
     def _month(self) -> str:
         return self.wall_clock().astimezone(UTC).strftime("%Y-%m")
 
+    def close(self) -> None:
+        """Free the rendered export files (large ones live in temp files)."""
+        for job in self.jobs.values():
+            if job.export is not None:
+                job.export.close()
+                job.export = None
+
+    def __enter__(self) -> FakeAmplitude:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     # -- entry points ---------------------------------------------------------------------
     def transport(self) -> Any:
         """An httpx transport that serves this fake in-process (no sockets)."""

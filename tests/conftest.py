@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import amp_cohorts_async as amp
+from amp_cohorts_async.testing import FakeAmplitude
+
+# Fast polling keeps virtual-time tests short; the limits stay Amplitude's real ones.
+FAST_POLL = amp.PollPolicy(initial_interval=1.0, max_interval=5.0, deadline=3600.0)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAmplitude]:
+    with FakeAmplitude(job_duration=10.0, seed=1) as fake:
+        fake.add_cohort("small", size=25, properties=("city", "plan"))
+        fake.add_cohort("large", size=20_000)
+        yield fake
+
+
+@pytest.fixture
+async def client(fake: FakeAmplitude) -> AsyncIterator[amp.CohortsClient]:
+    async with amp.CohortsClient(
+        fake.api_key, fake.secret_key, transport=fake.transport(), poll=FAST_POLL, seed=7
+    ) as client:
+        yield client

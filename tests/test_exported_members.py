@@ -1,0 +1,40 @@
+"""The public surface is exactly API.md's names plus the documented extensions."""
+
+import amp_cohorts_async as amp
+
+API_MD_NAMES = {
+    "CohortsClient", "Limits", "RateWindow", "RetryPolicy", "PollPolicy",
+    "Cohort", "SyncMetadata", "CohortRequest", "RequestStatus", "DownloadResult",
+    "CohortOutcome", "Usage", "UploadResult", "MembershipChange", "MembershipResult",
+    "MembershipOutcome", "ProgressEvent", "IdType", "MembershipIdType", "Operation",
+    "AmplitudeError", "InvalidRequestError", "TransportError", "APIStatusError",
+    "AuthenticationError", "NotFoundError", "RateLimitError", "ServerError",
+    "ResponseValidationError", "QuotaExceededError", "CohortJobError", "DownloadError",
+    "iter_members",
+}
+# Additions beyond API.md, documented in the README.
+EXTENSIONS = {"PartialWriteError"}
+
+
+def test_all_is_exactly_the_documented_names() -> None:
+    assert set(amp.__all__) == API_MD_NAMES | EXTENSIONS
+    assert len(amp.__all__) == len(set(amp.__all__))
+
+
+def test_every_name_is_importable() -> None:
+    for name in amp.__all__:
+        assert getattr(amp, name) is not None
+
+
+def test_error_tree() -> None:
+    assert issubclass(amp.InvalidRequestError, ValueError)
+    for cls in (amp.AuthenticationError, amp.NotFoundError, amp.RateLimitError, amp.ServerError):
+        assert issubclass(cls, amp.APIStatusError)
+    for cls in (amp.InvalidRequestError, amp.TransportError, amp.APIStatusError,
+                amp.ResponseValidationError, amp.QuotaExceededError, amp.CohortJobError,
+                amp.DownloadError, amp.PartialWriteError):
+        assert issubclass(cls, amp.AmplitudeError)
+
+
+def test_version_is_lazy_and_a_string() -> None:
+    assert isinstance(amp.__version__, str)
