@@ -20,12 +20,10 @@ import anyio
 import httpx
 
 from ._exceptions import (
-    APIStatusError,
-    AuthenticationError,
     CohortJobError,
     DownloadError,
     InvalidRequestError,
-    NotFoundError,
+    ServerError,
     TransportError,
 )
 from ._files import AtomicWriter, safe_filename
@@ -206,11 +204,7 @@ class Downloader:
                     if location is not None:
                         await self._fetch_presigned(location, writer, cohort_id)
                     break
-                except (_LinkExpired, TransportError, APIStatusError) as error:
-                    if isinstance(error, AuthenticationError | NotFoundError) and not isinstance(
-                        error, _LinkExpired
-                    ):
-                        raise
+                except (_LinkExpired, TransportError, ServerError) as error:
                     if attempt >= policy.max_attempts:
                         raise DownloadError(
                             f"could not fetch the file of request {request_id} after "
@@ -265,9 +259,10 @@ class Downloader:
             if response.status_code >= 400:
                 body = await self._read_error_body(response)
                 error = status_error(response, body)
-                if response.status_code == 403 and b"expired" in body.lower():
-                    raise _LinkExpired(f"presigned link expired: {error.message}")
-                if 400 <= response.status_code < 500 and response.status_code not in (403, 408):
+                if response.status_code == 403:
+                    # Expired (or otherwise refused) link: /file hands out a fresh one.
+                    raise _LinkExpired(f"presigned link refused: {error.message}")
+                if response.status_code < 500 and response.status_code != 408:
                     raise DownloadError(f"S3 refused the download: {error}")
                 raise error
             await self._stream_body(response, writer, cohort_id)

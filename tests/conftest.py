@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -25,3 +27,21 @@ async def client(fake: FakeAmplitude) -> AsyncIterator[amp.CohortsClient]:
         fake.api_key, fake.secret_key, transport=fake.transport(), poll=FAST_POLL, seed=7
     ) as client:
         yield client
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[object]:
+    """Give sync tests a loop that we close.
+
+    looptime's hook asks the event-loop policy for a loop even around sync tests, which makes
+    the policy create one that nobody closes (a ResourceWarning, an error under our filters).
+    """
+    if inspect.iscoroutinefunction(pyfuncitem.obj):
+        return (yield)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return (yield)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
