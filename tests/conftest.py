@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -36,7 +35,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[object]:
     looptime's hook asks the event-loop policy for a loop even around sync tests, which makes
     the policy create one that nobody closes (a ResourceWarning, an error under our filters).
     """
-    if inspect.iscoroutinefunction(pyfuncitem.obj):
+    if pyfuncitem.get_closest_marker("asyncio") is not None:  # pytest-asyncio runs it
         return (yield)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -16,6 +16,7 @@ Over loopback sockets::
 
 from ._data import FakeCohort, Member
 from ._fake import FakeAmplitude, FakeRequest, FakeResponse, Fault, LoggedRequest, Violation
+from ._virtual import run_in_virtual_time
 
 __all__ = (
     "FakeAmplitude",
@@ -26,4 +27,5 @@ __all__ = (
     "LoggedRequest",
     "Member",
     "Violation",
+    "run_in_virtual_time",
 )
