@@ -1,0 +1,302 @@
+"""FakeAmplitude's own behaviour: endpoints, file format, S3 hand-off, limits and faults."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import gzip
+import io
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import anyio
+import httpx
+import pytest
+
+import amp_cohorts_async as amp
+from amp_cohorts_async.testing import FakeAmplitude
+
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"test-api-key:test-secret-key").decode()}
+
+
+@pytest.fixture
+async def http(fake: FakeAmplitude) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=fake.transport(), base_url="https://amplitude.com", headers=AUTH
+    ) as client:
+        yield client
+
+
+async def start_job(http: httpx.AsyncClient, cohort_id: str, query: str = "") -> str:
+    response = await http.get(f"/api/5/cohorts/request/{cohort_id}{query}")
+    assert response.status_code == 202
+    body = response.json()
+    assert body["cohort_id"] == cohort_id
+    return str(body["request_id"])
+
+
+@pytest.mark.looptime
+async def test_job_runs_for_its_duration(fake: FakeAmplitude, http: httpx.AsyncClient) -> None:
+    request_id = await start_job(http, "small")
+    status = await http.get(f"/api/5/cohorts/request-status/{request_id}")
+    assert (status.status_code, status.json()["async_status"]) == (202, "JOB INPROGRESS")
+    assert (await http.get(f"/api/5/cohorts/request/{request_id}/file")).status_code == 400
+    await anyio.sleep(10)
+    status = await http.get(f"/api/5/cohorts/request-status/{request_id}")
+    assert (status.status_code, status.json()["async_status"]) == (200, "JOB COMPLETED")
+
+
+@pytest.mark.looptime
+async def test_file_format_with_props_and_prop_keys(
+    fake: FakeAmplitude, http: httpx.AsyncClient
+) -> None:
+    request_id = await start_job(http, "small", "?props=1&propKeys=city")
+    await anyio.sleep(10)
+    response = await http.get(f"/api/5/cohorts/request/{request_id}/file")
+    assert response.status_code == 200
+    text = response.text
+    lines = text.splitlines()
+    assert lines[0] == '"amplitude_id","user_id","city"'
+    assert all(line.startswith('"') and line.endswith('"') for line in lines)
+    rows = list(csv.reader(io.StringIO(text)))
+    assert len(rows) == 26
+    assert any(row[1] == "" for row in rows[1:])  # users without a user id
+    assert any("," in row[2] or '"' in row[2] for row in rows[1:])  # quoting matters
+
+
+@pytest.mark.looptime
+async def test_group_cohort_values_carry_a_tab(fake: FakeAmplitude, http: httpx.AsyncClient
+                                                ) -> None:
+    fake.add_cohort("orgs", size=3, group_type="org")
+    request_id = await start_job(http, "orgs")
+    await anyio.sleep(10)
+    rows = list(csv.reader(io.StringIO(
+        (await http.get(f"/api/5/cohorts/request/{request_id}/file")).text)))
+    assert rows[0] == ["group_id", "group_name"]
+    assert all(value.startswith("\t") for row in rows[1:] for value in row)
+
+
+@pytest.mark.looptime
+async def test_large_file_redirects_to_s3_with_a_fresh_link_each_time(
+    fake: FakeAmplitude, http: httpx.AsyncClient
+) -> None:
+    request_id = await start_job(http, "large")
+    await anyio.sleep(10)
+    first = await http.get(f"/api/5/cohorts/request/{request_id}/file")
+    await anyio.sleep(1)
+    second = await http.get(f"/api/5/cohorts/request/{request_id}/file")
+    assert first.status_code == second.status_code == 302
+    assert first.headers["Location"] != second.headers["Location"]
+    s3_url = first.headers["Location"]
+    assert s3_url.startswith(fake.s3_origin) and "X-Amz-Signature=" in s3_url
+    async with httpx.AsyncClient(transport=fake.transport()) as s3:
+        refused = await s3.get(s3_url, headers=AUTH)
+        assert refused.status_code == 400
+        assert "Only one auth mechanism allowed" in refused.text
+        ok = await s3.get(s3_url)
+        assert ok.status_code == 200 and ok.text.startswith('"amplitude_id"')
+        ranged = await s3.get(s3_url, headers={"Range": "bytes=10-"})
+        assert ranged.status_code == 206 and ranged.content == ok.content[10:]
+        assert ranged.headers["Content-Range"] == f"bytes 10-{len(ok.content) - 1}/{len(ok.content)}"
+        forged = await s3.get(s3_url.replace("X-Amz-Signature=", "X-Amz-Signature=0"))
+        assert forged.status_code == 403
+        await anyio.sleep(61)
+        expired = await s3.get(s3_url)
+        assert expired.status_code == 403 and "Request has expired" in expired.text
+    # /file stays valid for 7 days and hands out a new link.
+    assert (await http.get(f"/api/5/cohorts/request/{request_id}/file")).status_code == 302
+    await anyio.sleep(7 * 24 * 3600)
+    assert (await http.get(f"/api/5/cohorts/request/{request_id}/file")).status_code == 404
+
+
+@pytest.mark.looptime
+async def test_gzip_exports() -> None:
+    with FakeAmplitude(gzip=True, inline_threshold=10**9) as fake:
+        fake.add_cohort("z", size=50)
+        async with httpx.AsyncClient(transport=fake.transport(), base_url="https://a.test",
+                                     headers=AUTH) as http:
+            request_id = await start_job(http, "z")
+            async with http.stream("GET", f"/api/5/cohorts/request/{request_id}/file") as r:
+                raw = b"".join([chunk async for chunk in r.aiter_raw()])
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(raw).startswith(b'"amplitude_id"')
+
+
+async def test_credentials_are_checked(fake: FakeAmplitude) -> None:
+    async with httpx.AsyncClient(transport=fake.transport(), base_url="https://a.test") as http:
+        response = await http.get("/api/3/cohorts", auth=("test-api-key", "nope"))
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "unauthorized"
+    assert fake.log[-1].headers["authorization"] == "Basic ***"
+
+
+async def test_list_and_usage(fake: FakeAmplitude, http: httpx.AsyncClient) -> None:
+    fake.add_cohort("synced", size=1, sync_metadata=[{"target": "braze", "frequency": "hourly"}])
+    plain = (await http.get("/api/3/cohorts")).json()["cohorts"]
+    assert [c["id"] for c in plain] == ["small", "large", "synced"]
+    assert "syncMetadata" not in plain[0]
+    synced = (await http.get("/api/3/cohorts?includeSyncInfo=true")).json()["cohorts"]
+    assert synced[2]["syncMetadata"] == [{"target": "braze", "frequency": "hourly"}]
+    assert synced[0]["appId"] == 123456 and synced[1]["size"] == 20_000
+    await start_job(http, "small")
+    usage = (await http.get("/api/3/cohorts/usage")).json()["rest_download"]
+    assert usage["limit"] == 500 and usage["usage"] == 1
+
+
+@pytest.mark.looptime
+async def test_window_limits_are_enforced_and_recorded(
+    fake: FakeAmplitude, http: httpx.AsyncClient
+) -> None:
+    for _ in range(4):
+        await start_job(http, "small")
+    refused = await http.get("/api/5/cohorts/request/small")
+    assert refused.status_code == 429 and "Retry-After" in refused.headers
+    assert [v.kind for v in fake.violations] == ["window"]
+    await anyio.sleep(60)
+    await start_job(http, "small")  # exactly a minute later: allowed
+
+
+async def test_concurrency_limit_is_enforced() -> None:
+    with FakeAmplitude(latency=1.0) as fake:
+        async with httpx.AsyncClient(transport=fake.transport(), base_url="https://a.test",
+                                     headers=AUTH) as http:
+            statuses: list[int] = []
+
+            async def call() -> None:
+                statuses.append((await http.get("/api/3/cohorts")).status_code)
+
+            async with anyio.create_task_group() as group:
+                for _ in range(6):
+                    group.start_soon(call)
+    assert sorted(statuses) == [200] * 5 + [429]
+    assert [v.kind for v in fake.violations] == ["concurrency"]
+    assert fake.active == 0
+
+
+async def test_monthly_quota() -> None:
+    now = datetime(2026, 5, 31, 12, tzinfo=UTC)
+    with FakeAmplitude(usage=500, wall_clock=lambda: now) as fake:
+        fake.add_cohort("c")
+        async with httpx.AsyncClient(transport=fake.transport(), base_url="https://a.test",
+                                     headers=AUTH) as http:
+            response = await http.get("/api/5/cohorts/request/c")
+            assert response.status_code == 429
+            assert response.json()["error"]["type"] == "quota_exceeded"
+            usage = (await http.get("/api/3/cohorts/usage")).json()["rest_download"]
+    assert usage["resets_at"] == "2026-06-01T00:00:00"
+    assert [v.kind for v in fake.violations] == ["quota"]
+
+
+async def test_cohort_size_limit(http: httpx.AsyncClient, fake: FakeAmplitude) -> None:
+    fake.add_cohort("huge", size=2_000_001)
+    response = await http.get("/api/5/cohorts/request/huge")
+    assert response.status_code == 400
+    assert [v.kind for v in fake.violations] == ["cohort_size"]
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+async def test_status_faults(fake: FakeAmplitude, http: httpx.AsyncClient, status: int) -> None:
+    fake.inject("list", "status", status=status, retry_after=3, times=2)
+    assert (await http.get("/api/3/cohorts")).status_code == status
+    second = await http.get("/api/3/cohorts")
+    assert second.status_code == status and second.headers["Retry-After"] == "3"
+    assert (await http.get("/api/3/cohorts")).status_code == 200
+
+
+@pytest.mark.looptime
+async def test_body_faults(fake: FakeAmplitude, http: httpx.AsyncClient) -> None:
+    request_id = await start_job(http, "small")
+    await anyio.sleep(10)
+    url = f"/api/5/cohorts/request/{request_id}/file"
+    full = (await http.get(url)).content
+    fake.inject("file", "truncate", after_bytes=100)
+    async with http.stream("GET", url) as response:
+        truncated = b"".join([c async for c in response.aiter_raw()])
+    assert truncated == full[:100] and int(response.headers["Content-Length"]) == len(full)
+    fake.inject("file", "cut", after_bytes=50)
+    with pytest.raises(httpx.ReadError):
+        await http.get(url)
+    fake.inject("file", "slow", delay=5.0)
+    started = anyio.current_time()
+    assert (await http.get(url)).content == full
+    assert anyio.current_time() - started >= 5.0
+
+
+@pytest.mark.looptime
+async def test_never_finishing_and_failing_jobs(fake: FakeAmplitude, http: httpx.AsyncClient
+                                               ) -> None:
+    fake.never_finish.add("small")
+    fake.failing_jobs.add("large")
+    stuck = await start_job(http, "small")
+    failed = await start_job(http, "large")
+    await anyio.sleep(3600)
+    assert (await http.get(f"/api/5/cohorts/request-status/{stuck}")).status_code == 202
+    body = (await http.get(f"/api/5/cohorts/request-status/{failed}")).json()
+    assert body["async_status"] == "JOB FAILED"
+
+
+@pytest.mark.looptime
+async def test_expired_link_fault(fake: FakeAmplitude, http: httpx.AsyncClient) -> None:
+    request_id = await start_job(http, "large")
+    await anyio.sleep(10)
+    fake.inject("file", "expired_link")
+    location = (await http.get(f"/api/5/cohorts/request/{request_id}/file")).headers["Location"]
+    async with httpx.AsyncClient(transport=fake.transport()) as s3:
+        assert (await s3.get(location)).status_code == 403
+
+
+async def test_upload_and_membership_apply_to_members(
+    fake: FakeAmplitude, http: httpx.AsyncClient
+) -> None:
+    response = await http.post("/api/3/cohorts/upload", json={
+        "name": "n", "app_id": 1, "id_type": "BY_USER_ID", "ids": ["a", "b"],
+        "owner": "o@example.com", "published": True})
+    body = response.json()
+    cohort_id = body["cohortId"]
+    assert body["metadata"] == {"matched": 2, "totals": 2, "invalid_ids_sample": []}
+    assert fake.member_ids(cohort_id) == {"a", "b"}
+    response = await http.post("/api/3/cohorts/membership", json={
+        "cohort_id": cohort_id, "memberships": [
+            {"ids": ["c"], "id_type": "BY_NAME", "operation": "ADD"},
+            {"ids": ["a", "zz"], "id_type": "BY_NAME", "operation": "REMOVE"}]})
+    assert response.json()["memberships_result"][1]["skipped_ids"] == ["zz"]
+    assert fake.member_ids(cohort_id) == {"b", "c"}
+    too_many = await http.post("/api/3/cohorts/upload", json={
+        "name": "n", "app_id": 1, "id_type": "BY_AMP_ID", "ids": ["1"] * 100_001,
+        "owner": "o", "published": True})
+    assert too_many.status_code == 400
+    assert fake.violations[-1].kind == "ids_per_request"
+
+
+async def test_concurrent_writes_to_one_cohort_are_refused(
+    fake: FakeAmplitude, http: httpx.AsyncClient
+) -> None:
+    statuses = []
+
+    async def add(value: str) -> None:
+        response = await http.post("/api/3/cohorts/membership", json={
+            "cohort_id": "small",
+            "memberships": [{"ids": [value], "id_type": "BY_ID", "operation": "ADD"}]})
+        statuses.append(response.status_code)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(add, "1")
+        group.start_soon(add, "2")
+    assert sorted(statuses) == [200, 429]
+
+
+async def test_served_over_sockets(fake: FakeAmplitude) -> None:
+    async with fake.serve() as base_url:
+        async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as http:
+            response = await http.get("/api/3/cohorts")
+    assert response.status_code == 200
+    assert len(response.json()["cohorts"]) == 2
+
+
+def test_client_model_round_trip_of_fake_cohorts(fake: FakeAmplitude) -> None:
+    from amp_cohorts_async._convert import CohortList, structure
+
+    data = {"cohorts": [c.to_json(include_sync_info=True) for c in fake.cohorts.values()]}
+    parsed = structure(data, CohortList, what="list")
+    assert [c.id for c in parsed.cohorts] == ["small", "large"]
+    assert isinstance(parsed.cohorts[0], amp.Cohort)
