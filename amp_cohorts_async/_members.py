@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import itertools
 import os
 from collections.abc import AsyncIterator
 from os import PathLike
-from typing import IO, cast
+from typing import IO
 
 import anyio
 
@@ -28,15 +27,11 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _open_text(path: str | PathLike[str]) -> IO[str]:
-    raw = open(path, "rb")  # noqa: SIM115 - wrapped and closed by the caller
-    try:
-        compressed = raw.read(2) == _GZIP_MAGIC
-        raw.seek(0)
-        binary = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw)
-        return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
-    except BaseException:
-        raw.close()
-        raise
+    with open(path, "rb") as probe:
+        compressed = probe.read(2) == _GZIP_MAGIC
+    if compressed:
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _strip_tab(value: str) -> str:

@@ -188,9 +188,9 @@ class PriorityGate:
         self._order = itertools.count()
 
     async def acquire(self, priority: int) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if self.in_use < self.capacity and not self._waiters:
-            self.in_use += 1
-            await anyio.lowlevel.checkpoint()
+            self.in_use += 1  # no await after taking it: a cancellation cannot leak the slot
             return
         waiter = _GateWaiter()
         heapq.heappush(self._waiters, (priority, next(self._order), waiter))

@@ -46,12 +46,17 @@ async def test_list_cohorts_parses_the_seed_sample(
     assert cohort.name == "Test Cohort 1"
     assert cohort.size == 111
     assert cohort.owners == ["demo@amplitude.com"]
-    assert cohort.definition is not None and cohort.definition["version"] == 3
+    assert cohort.definition is not None
+    assert cohort.definition["version"] == 3
     assert cohort.last_mod == datetime(2023, 3, 21, 22, 21, 34, tzinfo=UTC)
-    assert cohort.created_at is not None and cohort.created_at.tzinfo is not None
-    assert cohort.metadata is None and cohort.chart_id is None and cohort.popularity is None
+    assert cohort.created_at is not None
+    assert cohort.created_at.tzinfo is not None
+    assert cohort.metadata is None
+    assert cohort.chart_id is None
+    assert cohort.popularity is None
     [sync] = cohort.sync_metadata
-    assert sync.target == "braze" and sync.frequency == "hourly"
+    assert sync.target == "braze"
+    assert sync.frequency == "hourly"
     assert sync.last_successful is not None
     assert sync.last_successful.utcoffset() is not None
     assert sync.last_successful.astimezone(UTC) == datetime(2023, 3, 21, 23, 9, 58, 848454, UTC)
@@ -80,7 +85,9 @@ async def test_list_cohorts_iso_timestamps_unknown_fields_and_nulls(
 async def test_list_cohorts_minimal_cohort(client: amp.CohortsClient, router: respx.Router) -> None:
     router.get("/api/3/cohorts").respond(200, json={"cohorts": [{"id": 42}]})
     [parsed] = await client.list_cohorts()
-    assert parsed.id == "42" and parsed.name is None and parsed.sync_metadata == []
+    assert parsed.id == "42"
+    assert parsed.name is None
+    assert parsed.sync_metadata == []
 
 
 async def test_request_cohort_wire(client: amp.CohortsClient, router: respx.Router) -> None:
@@ -89,12 +96,16 @@ async def test_request_cohort_wire(client: amp.CohortsClient, router: respx.Rout
     )
     request = await client.request_cohort("a/b c", props=True, prop_keys=["city", "plan"])
     sent = route.calls.last.request
-    assert sent.url.raw_path == b"/api/5/cohorts/request/a%2Fb%20c?props=1&propKeys=city&propKeys=plan"
+    assert sent.url.raw_path == (
+        b"/api/5/cohorts/request/a%2Fb%20c?props=1&propKeys=city&propKeys=plan"
+    )
     assert sent.headers["Authorization"] == AUTH
     assert request == amp.CohortRequest(request_id="r-1", cohort_id="a/b c")
 
 
-async def test_request_cohort_without_props(client: amp.CohortsClient, router: respx.Router) -> None:
+async def test_request_cohort_without_props(
+    client: amp.CohortsClient, router: respx.Router
+) -> None:
     route = router.get("/api/5/cohorts/request/abc").respond(202, json={"request_id": "r"})
     request = await client.request_cohort("abc")
     assert route.calls.last.request.url.query == b""
@@ -115,7 +126,8 @@ async def test_request_status(
     result = await client.get_request_status("r")
     assert result.done is done
     assert result.async_status == body["async_status"]
-    assert result.request_id == "r" and result.cohort_id == "c"
+    assert result.request_id == "r"
+    assert result.cohort_id == "c"
 
 
 async def test_usage(client: amp.CohortsClient, router: respx.Router) -> None:
@@ -183,7 +195,8 @@ async def test_download_file_inline(
     route = router.get("/api/5/cohorts/request/r9/file").respond(200, content=payload)
     result = await client.download_file("r9", tmp_path / "out.csv")
     assert (tmp_path / "out.csv").read_bytes() == payload
-    assert result.size_bytes == len(payload) and result.cohort_id is None
+    assert result.size_bytes == len(payload)
+    assert result.cohort_id is None
     assert route.calls.last.request.headers["Authorization"] == AUTH
 
 

@@ -88,21 +88,26 @@ async def test_large_file_redirects_to_s3_with_a_fresh_link_each_time(
     assert first.status_code == second.status_code == 302
     assert first.headers["Location"] != second.headers["Location"]
     s3_url = first.headers["Location"]
-    assert s3_url.startswith(fake.s3_origin) and "X-Amz-Signature=" in s3_url
+    assert s3_url.startswith(fake.s3_origin)
+    assert "X-Amz-Signature=" in s3_url
     async with httpx.AsyncClient(transport=fake.transport()) as s3:
         refused = await s3.get(s3_url, headers=AUTH)
         assert refused.status_code == 400
         assert "Only one auth mechanism allowed" in refused.text
         ok = await s3.get(s3_url)
-        assert ok.status_code == 200 and ok.text.startswith('"amplitude_id"')
+        assert ok.status_code == 200
+        assert ok.text.startswith('"amplitude_id"')
         ranged = await s3.get(s3_url, headers={"Range": "bytes=10-"})
-        assert ranged.status_code == 206 and ranged.content == ok.content[10:]
-        assert ranged.headers["Content-Range"] == f"bytes 10-{len(ok.content) - 1}/{len(ok.content)}"
+        assert ranged.status_code == 206
+        assert ranged.content == ok.content[10:]
+        size = len(ok.content)
+        assert ranged.headers["Content-Range"] == f"bytes 10-{size - 1}/{size}"
         forged = await s3.get(s3_url.replace("X-Amz-Signature=", "X-Amz-Signature=0"))
         assert forged.status_code == 403
         await anyio.sleep(61)
         expired = await s3.get(s3_url)
-        assert expired.status_code == 403 and "Request has expired" in expired.text
+        assert expired.status_code == 403
+        assert "Request has expired" in expired.text
     # /file stays valid for 7 days and hands out a new link.
     assert (await http.get(f"/api/5/cohorts/request/{request_id}/file")).status_code == 302
     await anyio.sleep(7 * 24 * 3600)
@@ -137,10 +142,12 @@ async def test_list_and_usage(fake: FakeAmplitude, http: httpx.AsyncClient) -> N
     assert "syncMetadata" not in plain[0]
     synced = (await http.get("/api/3/cohorts?includeSyncInfo=true")).json()["cohorts"]
     assert synced[2]["syncMetadata"] == [{"target": "braze", "frequency": "hourly"}]
-    assert synced[0]["appId"] == 123456 and synced[1]["size"] == 20_000
+    assert synced[0]["appId"] == 123456
+    assert synced[1]["size"] == 20_000
     await start_job(http, "small")
     usage = (await http.get("/api/3/cohorts/usage")).json()["rest_download"]
-    assert usage["limit"] == 500 and usage["usage"] == 1
+    assert usage["limit"] == 500
+    assert usage["usage"] == 1
 
 
 @pytest.mark.looptime
@@ -150,7 +157,8 @@ async def test_window_limits_are_enforced_and_recorded(
     for _ in range(4):
         await start_job(http, "small")
     refused = await http.get("/api/5/cohorts/request/small")
-    assert refused.status_code == 429 and "Retry-After" in refused.headers
+    assert refused.status_code == 429
+    assert "Retry-After" in refused.headers
     assert [v.kind for v in fake.violations] == ["window"]
     await anyio.sleep(60)
     await start_job(http, "small")  # exactly a minute later: allowed
@@ -199,7 +207,8 @@ async def test_status_faults(fake: FakeAmplitude, http: httpx.AsyncClient, statu
     fake.inject("list", "status", status=status, retry_after=3, times=2)
     assert (await http.get("/api/3/cohorts")).status_code == status
     second = await http.get("/api/3/cohorts")
-    assert second.status_code == status and second.headers["Retry-After"] == "3"
+    assert second.status_code == status
+    assert second.headers["Retry-After"] == "3"
     assert (await http.get("/api/3/cohorts")).status_code == 200
 
 
@@ -212,7 +221,8 @@ async def test_body_faults(fake: FakeAmplitude, http: httpx.AsyncClient) -> None
     fake.inject("file", "truncate", after_bytes=100)
     async with http.stream("GET", url) as response:
         truncated = b"".join([c async for c in response.aiter_raw()])
-    assert truncated == full[:100] and int(response.headers["Content-Length"]) == len(full)
+    assert truncated == full[:100]
+    assert int(response.headers["Content-Length"]) == len(full)
     fake.inject("file", "cut", after_bytes=50)
     with pytest.raises(httpx.ReadError):
         await http.get(url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 
 import anyio
@@ -49,12 +50,11 @@ async def test_a_429_pauses_everyone_once(fake: FakeAmplitude) -> None:
     fake.inject("list", "status", status=429, retry_after=20)
     fake.latency = 1.0
     async with amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(),
-                                 seed=2) as client:
-        async with anyio.create_task_group() as group:
-            for _ in range(3):
-                group.start_soon(client.list_cohorts)
-            await anyio.sleep(2)  # the 429 has been answered at t=1
-            group.start_soon(client.get_usage)
+                                 seed=2) as client, anyio.create_task_group() as group:
+        for _ in range(3):
+            group.start_soon(client.list_cohorts)
+        await anyio.sleep(2)  # the 429 has been answered at t=1
+        group.start_soon(client.get_usage)
     times = [e.time for e in fake.log]
     assert [e.status for e in fake.log].count(429) == 1
     assert len([t for t in times if t < 20]) == 3  # the three in flight when the 429 came
@@ -146,4 +146,4 @@ async def test_max_jobs_in_flight(tmp_path: pathlib.Path) -> None:
             outcomes = await client.download_cohorts(ids, tmp_path)
     assert all(o.ok for o in outcomes)
     starts = [e.time for e in fake.log if e.endpoint == "request"]
-    assert all(b - a >= 30 for a, b in zip(starts, starts[1:], strict=False))
+    assert all(b - a >= 30 for a, b in itertools.pairwise(starts))

@@ -9,7 +9,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import attrs
 
@@ -157,7 +157,7 @@ class FakeCohort:
         return data
 
 
-class _Spool(io.RawIOBase):
+class _Spool(io.BufferedIOBase):
     """A write-then-read buffer: memory first, an unnamed temp file past 8 MiB."""
 
     _LIMIT = 8 << 20
@@ -190,8 +190,8 @@ class _Spool(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
-    def read(self, size: int = -1) -> bytes:
-        return self._buffer.read(size)
+    def read(self, size: int | None = -1) -> bytes:
+        return self._buffer.read(-1 if size is None else size)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._buffer.seek(offset, whence)
@@ -215,7 +215,7 @@ def render_export(
     Small files stay in memory; from 8 MiB on they move to an unnamed temp file, which
     ``FakeAmplitude.close()`` closes.
     """
-    spool = _Spool()
+    spool = cast(IO[bytes], _Spool())
     text = io.TextIOWrapper(spool, encoding="utf-8", newline="", write_through=False)
     writer = csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator="\n")
     if cohort.group_type is not None:
@@ -234,7 +234,7 @@ def render_export(
     spool.seek(0)
     if gzip_level is None:
         return spool
-    packed = _Spool()
+    packed = cast(IO[bytes], _Spool())
     with gzip.GzipFile(fileobj=packed, mode="wb", compresslevel=gzip_level, mtime=0) as zipped:
         shutil.copyfileobj(spool, zipped, 1 << 20)
     spool.close()

@@ -1,0 +1,374 @@
+"""request -> poll -> download: every path, in-process and over sockets; nothing half-done."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import json
+import pathlib
+import random
+from typing import Any
+
+import anyio
+import pytest
+
+import amp_cohorts_async as amp
+import amp_cohorts_async._files as files_module
+from amp_cohorts_async.testing import FakeAmplitude
+
+from .conftest import FAST_POLL
+
+
+def leftovers(directory: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
+
+
+def client_for(fake: FakeAmplitude, **kwargs: Any) -> amp.CohortsClient:
+    kwargs.setdefault("poll", FAST_POLL)
+    return amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(), seed=5,
+                             **kwargs)
+
+
+async def expected_bytes(fake: FakeAmplitude, result: amp.DownloadResult) -> bytes:
+    return fake.export_bytes(result.request_id)
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("cohort", ["small", "large"])  # inline 200 / 302 to S3
+async def test_download_cohort(
+    client: amp.CohortsClient, fake: FakeAmplitude, tmp_path: pathlib.Path, cohort: str
+) -> None:
+    result = await client.download_cohort(cohort, tmp_path)
+    data = result.path.read_bytes()
+    assert result.path == tmp_path / f"{cohort}.csv"
+    assert data == await expected_bytes(fake, result)
+    assert result.size_bytes == len(data)
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert result.cohort_id == cohort
+    assert leftovers(tmp_path) == []
+    s3 = fake.requests_to("s3")
+    assert bool(s3) is (cohort == "large")
+    assert all("authorization" not in e.headers for e in s3)
+
+
+@pytest.mark.looptime
+async def test_download_file_knows_the_cohort_of_its_own_requests(
+    client: amp.CohortsClient, fake: FakeAmplitude, tmp_path: pathlib.Path
+) -> None:
+    request = await client.request_cohort("small")
+    await anyio.sleep(10)
+    result = await client.download_file(request.request_id, tmp_path / "x.csv")
+    assert result.cohort_id == "small"
+    async with client_for(fake) as other:
+        assert (await other.download_file(request.request_id, tmp_path / "y.csv")).cohort_id is None
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize(
+    ("endpoint", "kind", "after"),
+    [("s3", "cut", 70_000), ("s3", "truncate", 70_000), ("file", "cut", 300),
+     ("file", "truncate", 300), ("s3", "status", 0), ("file", "expired_link", 0)],
+)
+async def test_broken_transfers_resume_or_restart(
+    client: amp.CohortsClient, fake: FakeAmplitude, tmp_path: pathlib.Path,
+    endpoint: str, kind: Any, after: int,
+) -> None:
+    cohort = "small" if endpoint == "file" and kind != "expired_link" else "large"
+    fake.inject(endpoint, kind, after_bytes=after, status=503)
+    result = await client.download_cohort(cohort, tmp_path)
+    assert result.path.read_bytes() == await expected_bytes(fake, result)
+    assert leftovers(tmp_path) == []
+    assert fake.cohort_requests == 1  # re-requesting /file costs no quota
+    if endpoint == "s3" and kind in ("cut", "truncate"):
+        ranged = [e for e in fake.requests_to("s3") if "range" in e.headers]
+        assert ranged
+        assert ranged[0].headers["range"] == f"bytes={after}-"
+        assert ranged[0].status == 206
+
+
+@pytest.mark.looptime
+async def test_expired_link_gets_a_fresh_one(
+    client: amp.CohortsClient, fake: FakeAmplitude, tmp_path: pathlib.Path
+) -> None:
+    fake.inject("file", "expired_link", times=2)
+    await client.download_cohort("large", tmp_path)
+    assert [e.status for e in fake.requests_to("s3")] == [403, 403, 200]
+    assert len(fake.requests_to("file")) == 3
+
+
+@pytest.mark.looptime
+async def test_gives_up_after_bounded_attempts(fake: FakeAmplitude, tmp_path: pathlib.Path) -> None:
+    fake.inject("s3", "cut", after_bytes=10, times=50)
+    async with client_for(fake, retry=amp.RetryPolicy(max_attempts=3)) as client:
+        with pytest.raises(amp.DownloadError, match="after 3 attempts"):
+            await client.download_cohort("large", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("size", [40, 30_000])
+async def test_gzip_bodies_are_stored_decoded(tmp_path: pathlib.Path, size: int) -> None:
+    with FakeAmplitude(gzip=True, job_duration=1.0) as fake:
+        fake.add_cohort("g", size=size)
+        fake.inject("s3", "cut", after_bytes=20_000)  # resume mid-gzip on the large one
+        async with client_for(fake) as client:
+            result = await client.download_cohort("g", tmp_path)
+        import gzip
+
+        assert result.path.read_bytes() == gzip.decompress(fake.export_bytes(result.request_id))
+        assert result.path.read_bytes().startswith(b'"amplitude_id"')
+
+
+@pytest.mark.looptime
+async def test_progress_events(client: amp.CohortsClient, tmp_path: pathlib.Path) -> None:
+    events: list[amp.ProgressEvent] = []
+    await client.download_cohort("large", tmp_path, on_progress=events.append)
+    phases = [e.phase for e in events]
+    assert phases[0] == "requested"
+    assert phases[-1] == "done"
+    assert "polling" in phases
+    assert "downloading" in phases
+    downloading = [e for e in events if e.phase == "downloading"]
+    assert downloading[-1].bytes_done == downloading[-1].bytes_total == events[-1].bytes_done
+    assert {e.cohort_id for e in events} == {"large"}
+
+
+@pytest.mark.looptime
+async def test_waiting_events_say_how_long(fake: FakeAmplitude, tmp_path: pathlib.Path) -> None:
+    ids = [fake.add_cohort(size=2).id for _ in range(5)]
+    events: list[amp.ProgressEvent] = []
+    async with client_for(fake) as client:
+        await client.download_cohorts(ids, tmp_path, on_progress=events.append)
+    waits = [e for e in events if e.phase == "waiting"]
+    assert waits
+    assert waits[0].cohort_id == ids[4]
+    assert waits[0].wait_seconds is not None
+    assert 55 < waits[0].wait_seconds <= 60
+    assert [e.phase for e in events[:5]] == ["queued"] * 5
+
+
+@pytest.mark.looptime
+async def test_a_failing_progress_callback_does_not_break_the_download(
+    client: amp.CohortsClient, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def explode(event: amp.ProgressEvent) -> None:
+        raise RuntimeError("callback bug")
+
+    result = await client.download_cohort("small", tmp_path, on_progress=explode)
+    assert result.path.exists()
+    assert "on_progress callback raised" in caplog.text
+
+
+@pytest.mark.looptime
+async def test_job_deadline(fake: FakeAmplitude, tmp_path: pathlib.Path) -> None:
+    fake.never_finish.add("small")
+    async with client_for(fake, poll=amp.PollPolicy(deadline=300)) as client:
+        started = anyio.current_time()
+        with pytest.raises(amp.CohortJobError, match="not finished after 300s"):
+            await client.download_cohort("small", tmp_path)
+        assert 300 <= anyio.current_time() - started <= 301
+    polls = fake.requests_to("status")
+    gaps = [b.time - a.time for a, b in itertools.pairwise(polls)]
+    assert max(gaps) <= 30 * 1.2 + 0.01  # the interval grows to max_interval, with jitter
+    assert gaps[1] > gaps[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.looptime
+async def test_failed_job(fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+                          ) -> None:
+    fake.failing_jobs.add("small")
+    with pytest.raises(amp.CohortJobError, match="JOB FAILED"):
+        await client.download_cohort("small", tmp_path)
+
+
+@pytest.mark.looptime
+async def test_unsafe_cohort_ids_stay_inside_the_directory(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    names = []
+    for cohort_id in ("../../x", "/etc/passwd", "a b", "x"):
+        fake.add_cohort(cohort_id, size=2)
+        result = await client.download_cohort(cohort_id, target)
+        assert result.path.parent == target
+        names.append(result.path.name)
+    assert len(set(names)) == 4
+    assert names[3] == "x.csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.looptime
+async def test_an_existing_file_is_replaced_only_when_complete(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    target = tmp_path / "large.csv"
+    target.write_bytes(b"previous contents")
+    fake.inject("s3", "cut", after_bytes=100, times=10)
+    with pytest.raises(amp.DownloadError):
+        async with client_for(fake, retry=amp.RetryPolicy(max_attempts=2)) as limited:
+            await limited.download_cohort("large", target)
+    assert target.read_bytes() == b"previous contents"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.looptime
+async def test_disk_full_leaves_nothing(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class FullDisk:
+        def __init__(self, path: pathlib.Path) -> None:
+            self.file = open(path, "xb")  # noqa: SIM115
+            self.closed = False
+
+        def write(self, data: bytes) -> int:
+            if self.file.tell() + len(data) > 50_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.file, name)
+
+        def close(self) -> None:
+            self.closed = True
+            self.file.close()
+
+    monkeypatch.setattr(files_module, "_open_temp", FullDisk)
+    with pytest.raises(amp.DownloadError, match="No space left"):
+        await client.download_cohort("large", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("seed", range(8))
+async def test_cancellation_at_random_points_leaves_nothing(
+    tmp_path: pathlib.Path, seed: int
+) -> None:
+    with FakeAmplitude(job_duration=5.0, latency=0.2) as fake:
+        fake.add_cohort("large", size=20_000)
+        fake.inject("s3", "slow", delay=2.0)  # the transfer itself takes ~8 s
+        async with client_for(fake) as client:
+            with anyio.move_on_after(random.Random(seed).uniform(0.0, 12.0)) as scope:
+                await client.download_cohort("large", tmp_path)
+            assert scope.cancelled_caught
+            assert list(tmp_path.iterdir()) == []
+            assert client.scheduler.gate.in_use == 0
+            # the client is still usable after a cancelled download
+            result = await client.download_cohort("large", tmp_path)
+    assert result.path.exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.looptime
+async def test_batch_outcomes_in_order_and_isolated(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    fake.failing_jobs.add("large")
+    outcomes = await client.download_cohorts(["small", "missing", "large", "small"], tmp_path)
+    assert [o.cohort_id for o in outcomes] == ["small", "missing", "large", "small"]
+    assert outcomes[0].ok
+    assert outcomes[3].result == outcomes[0].result
+    assert isinstance(outcomes[1].error, amp.NotFoundError)
+    assert isinstance(outcomes[2].error, amp.CohortJobError)
+    assert fake.cohort_requests == 2  # small once (deduplicated), large once
+
+
+@pytest.mark.looptime
+async def test_resume_after_a_crash_spends_no_quota(fake: FakeAmplitude, tmp_path: pathlib.Path
+                                                    ) -> None:
+    fake.job_duration = 20.0
+    ids = [fake.add_cohort(size=50).id for _ in range(10)]
+    async with client_for(fake) as client:
+        # Crash (cancel) mid-batch: 4 files done (requested at 0), 4 requested at 60 but not
+        # downloaded, 2 never requested (their window opens at 120).
+        with anyio.move_on_after(75):
+            await client.download_cohorts(ids, tmp_path)
+    journal = json.loads((tmp_path / ".amp-cohorts-journal.json").read_text())
+    done_before = [e for e in journal["entries"].values() if e["sha256"]]
+    assert len(done_before) == 4
+    assert fake.cohort_requests == 8
+    async with client_for(fake) as client:
+        outcomes = await client.download_cohorts(ids, tmp_path)
+    assert all(o.ok for o in outcomes)
+    assert fake.cohort_requests == 10  # only the two never requested before
+    for outcome in outcomes:
+        assert outcome.result is not None
+        data = outcome.result.path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == outcome.result.sha256
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.looptime
+async def test_resume_redownloads_a_tampered_file_without_new_request(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    [first] = await client.download_cohorts(["small"], tmp_path)
+    assert first.result is not None
+    first.result.path.write_text("tampered")
+    [second] = await client.download_cohorts(["small"], tmp_path)
+    assert second.result is not None
+    assert second.result.sha256 == first.result.sha256
+    assert fake.cohort_requests == 1
+
+
+@pytest.mark.looptime
+async def test_resume_false_requests_again(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    await client.download_cohorts(["small"], tmp_path)
+    await client.download_cohorts(["small"], tmp_path, resume=False)
+    assert fake.cohort_requests == 2
+
+
+@pytest.mark.looptime
+async def test_stale_request_ids_are_not_reused(
+    fake: FakeAmplitude, tmp_path: pathlib.Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = [datetime(2026, 3, 1, tzinfo=UTC)]
+    async with client_for(fake, wall_clock=lambda: now[0]) as client:
+        with anyio.move_on_after(5):  # requested, not yet downloaded
+            await client.download_cohorts(["small"], tmp_path)
+        now[0] += timedelta(days=6, minutes=1)
+        await client.download_cohorts(["small"], tmp_path)
+    assert fake.cohort_requests == 2
+
+
+async def test_download_over_real_sockets(fake: FakeAmplitude, tmp_path: pathlib.Path) -> None:
+    fake.job_duration = 0.0
+    fake.inject("s3", "cut", after_bytes=100_000)
+    async with fake.serve() as base_url:
+        async with amp.CohortsClient(fake.api_key, fake.secret_key, base_url=base_url,
+                                     poll=amp.PollPolicy(initial_interval=0.01)) as client:
+            request = await client.request_cohort("large")
+            status = await client.get_request_status(request.request_id)
+            assert status.done
+            result = await client.download_file(request.request_id, tmp_path / "l.csv")
+    assert result.path.read_bytes() == fake.export_bytes(request.request_id)
+    s3 = fake.requests_to("s3")
+    assert [e.status for e in s3] == [200, 206]
+    assert all("authorization" not in e.headers for e in s3)
+
+
+@pytest.mark.parametrize("bad", ["", 3, None])
+async def test_bad_destinations(client: amp.CohortsClient, fake: FakeAmplitude, bad: Any) -> None:
+    with pytest.raises(amp.InvalidRequestError):
+        await client.download_cohort("small", bad)
+    assert fake.log == []
+
+
+async def test_bad_batch_arguments(client: amp.CohortsClient, fake: FakeAmplitude,
+                                   tmp_path: pathlib.Path) -> None:
+    for call in (
+        lambda: client.download_cohorts("small", tmp_path),
+        lambda: client.download_cohorts(["ok", ""], tmp_path),
+        lambda: client.download_cohorts(["small"], tmp_path / "missing"),
+        lambda: client.download_cohorts(["small"], tmp_path, prop_keys=["x"]),
+    ):
+        with pytest.raises(amp.InvalidRequestError):
+            await call()
+    assert fake.log == []

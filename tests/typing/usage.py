@@ -1,0 +1,43 @@
+"""Type-checked (mypy --strict), never run: the public API as a user writes it."""
+
+from __future__ import annotations
+
+import pathlib
+
+import amp_cohorts_async as amp
+
+
+async def typed_usage() -> None:
+    async with amp.CohortsClient(
+        "key", "secret", region="eu", limits=amp.Limits(max_jobs_in_flight=10),
+        retry=amp.RetryPolicy(max_attempts=3), poll=amp.PollPolicy(deadline=None),
+    ) as client:
+        cohorts: list[amp.Cohort] = await client.list_cohorts(include_sync_info=True)
+        request: amp.CohortRequest = await client.request_cohort(cohorts[0].id, props=True)
+        status: amp.RequestStatus = await client.get_request_status(request.request_id)
+        done: bool = status.done
+        result: amp.DownloadResult = await client.download_file(request.request_id, "x.csv")
+        path: pathlib.Path = result.path
+        usage: amp.Usage = await client.get_usage()
+        remaining: int = usage.remaining
+
+        def show(event: amp.ProgressEvent) -> None:
+            print(event.phase, event.bytes_done, event.bytes_total, event.wait_seconds)
+
+        outcomes: list[amp.CohortOutcome] = await client.download_cohorts(
+            ["a", "b"], "out", on_progress=show
+        )
+        errors: list[amp.AmplitudeError | None] = [o.error for o in outcomes]
+        upload: amp.UploadResult = await client.upload_cohort(
+            name="n", app_id=1, id_type=amp.IdType.BY_USER_ID, ids=["u1"], owner="o",
+            published=False,
+        )
+        membership: amp.MembershipResult = await client.update_membership(
+            upload.cohort_id,
+            [amp.MembershipChange(ids=["u2"], id_type=amp.MembershipIdType.BY_NAME,
+                                  operation=amp.Operation.ADD)],
+        )
+        skipped: list[str] = membership.memberships_result[0].skipped_ids
+        async for row in amp.iter_members(path):
+            user_id: str = row["user_id"]
+            print(user_id, done, remaining, errors, skipped)
