@@ -14,7 +14,7 @@ from ._download import Downloader
 from ._exceptions import AmplitudeError, InvalidRequestError, NotFoundError, QuotaExceededError
 from ._files import safe_filename
 from ._journal import Journal, journal_key, utc_now_iso
-from ._models import CohortOutcome, CohortRequest, DownloadResult, ProgressEvent
+from ._models import Cohort, CohortOutcome, CohortRequest, DownloadResult, ProgressEvent
 from ._validate import path_segment, text_sequence
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def _sha256_of(path: pathlib.Path) -> str | None:
 
 async def download_cohorts(
     client: CohortsClient,
-    cohort_ids: Iterable[str],
+    cohort_ids: Iterable[str | Cohort],
     dest_dir: str | PathLike[str],
     *,
     props: bool,
@@ -46,9 +46,14 @@ async def download_cohorts(
 ) -> list[CohortOutcome]:
     if isinstance(cohort_ids, str):
         raise InvalidRequestError("cohort_ids must be an iterable of ids, not one string")
-    ids = list(cohort_ids)
+    items = list(cohort_ids)
+    ids = [item.id if isinstance(item, Cohort) else item for item in items]
     for cohort_id in ids:
         path_segment(cohort_id, "cohort_id")
+    # Export time grows with cohort size: when sizes are known, start the largest first so the
+    # long jobs overlap the rate-limit waits instead of trailing at the end of the batch.
+    sizes = {item.id: item.size for item in items
+             if isinstance(item, Cohort) and item.size is not None}
     client._export_params(props, prop_keys)
     keys = text_sequence(prop_keys, "prop_keys")
     directory = pathlib.Path(dest_dir)
@@ -131,8 +136,9 @@ async def download_cohorts(
         except AmplitudeError as error:
             results[cohort_id] = CohortOutcome(cohort_id=cohort_id, error=error)
 
+    order = sorted(unique, key=lambda c: -sizes.get(c, -1))  # stable: unknown sizes keep order
     async with anyio.create_task_group() as group:
-        for cohort_id in unique:
+        for cohort_id in order:
             if cohort_id not in finished:
                 group.start_soon(one, cohort_id)
     return [results[c] for c in ids]

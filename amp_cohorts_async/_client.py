@@ -303,7 +303,7 @@ class CohortsClient:
 
     async def download_cohorts(
         self,
-        cohort_ids: Iterable[str],
+        cohort_ids: Iterable[str | Cohort],
         dest_dir: str | PathLike[str],
         *,
         props: bool = False,
@@ -312,6 +312,9 @@ class CohortsClient:
         resume: bool = True,
     ) -> list[CohortOutcome]:
         """Download many cohorts concurrently under the limits; one outcome per id, in order.
+
+        ``cohort_ids`` may hold ``Cohort`` objects (from ``list_cohorts``): their sizes let the
+        batch start the largest exports first, which shortens the whole batch.
 
         With ``resume=True`` (the default) a journal in ``dest_dir`` lets a rerun skip files
         already downloaded (verified by sha256) and reuse export requests younger than

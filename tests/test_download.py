@@ -372,3 +372,16 @@ async def test_bad_batch_arguments(client: amp.CohortsClient, fake: FakeAmplitud
         with pytest.raises(amp.InvalidRequestError):
             await call()
     assert fake.log == []
+
+
+@pytest.mark.looptime
+async def test_known_sizes_start_the_largest_first(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    for i, size in enumerate([5, 50, 20, 40, 10, 30]):
+        fake.add_cohort(f"s{i}", size=size)
+    cohorts = [c for c in await client.list_cohorts() if c.id[1:].isdigit()]
+    outcomes = await client.download_cohorts(cohorts, tmp_path)
+    assert [o.cohort_id for o in outcomes] == [c.id for c in cohorts]  # input order kept
+    requested = [e.path.rsplit("/", 1)[1] for e in fake.requests_to("request")]
+    assert requested == ["s1", "s3", "s5", "s2", "s4", "s0"]
