@@ -6,6 +6,8 @@ import gzip
 import pathlib
 
 import anyio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 import amp_cohorts_async as amp
@@ -106,3 +108,37 @@ async def test_round_trip_through_the_fake_with_props(tmp_path: pathlib.Path) ->
     assert set(rows[0]) == {"amplitude_id", "user_id", "plan"}
     assert [r["plan"] for r in rows] == [m.properties["plan"] for m in expected]
     await anyio.sleep(0)
+
+
+field = st.text(alphabet=st.sampled_from(list('ab ,"\n\r\t\u00e9')), max_size=6)
+
+
+@settings(max_examples=120, deadline=None)
+@given(rows=st.lists(st.lists(field, min_size=3, max_size=3), max_size=30),
+       batch=st.integers(1, 200), crlf=st.booleans())
+def test_matches_the_csv_module_on_any_content(
+    rows: list[list[str]], batch: int, crlf: bool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import csv
+    import io
+
+    from amp_cohorts_async import _members
+    from amp_cohorts_async.testing import run_in_virtual_time
+
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\r\n" if crlf else "\n")
+    writer.writerow(["amplitude_id", "user_id", "city"])
+    writer.writerows(rows)
+    path = tmp_path_factory.mktemp("m") / "c.csv"
+    path.write_text(buffer.getvalue(), encoding="utf-8", newline="")
+    expected = list(csv.DictReader(io.StringIO(buffer.getvalue(), newline="")))
+    first = [v for v in rows[0] if v] if rows else []
+    if first and all(v[:1] == "\t" for v in first):
+        return  # a first row that looks like a group cohort's is stripped on purpose
+    previous = _members._BATCH_BYTES
+    _members._BATCH_BYTES = batch
+    try:
+        got = run_in_virtual_time(lambda: rows_of(path))
+    finally:
+        _members._BATCH_BYTES = previous
+    assert got == [dict(r) for r in expected]
