@@ -12,7 +12,7 @@ import csv
 import gzip
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterator
 from operator import methodcaller
 from os import PathLike
 from typing import IO
@@ -114,14 +114,9 @@ class _Ready:
     def __init__(self) -> None:
         self.value: dict[str, str] = {}
 
-    def __await__(self) -> _Ready:
-        return self
-
-    def __iter__(self) -> _Ready:
-        return self
-
-    def __next__(self) -> dict[str, str]:
-        raise StopIteration(self.value)
+    def __await__(self) -> Generator[None, None, dict[str, str]]:
+        return self.value
+        yield  # a generator that finishes at once: awaiting it never suspends
 
 
 class _MemberIterator:

@@ -31,7 +31,7 @@ import httpx
 import amp_cohorts_async as amp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _server import API_KEY, SECRET_KEY, fake_server  # noqa: E402
+from _server import API_KEY, SECRET_KEY, fake_server
 
 PROPS_200 = "city,plan,p1,p2,p3"
 PROPS_400 = "city,plan," + ",".join(f"p{i}" for i in range(1, 16))

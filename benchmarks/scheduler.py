@@ -25,7 +25,7 @@ from amp_cohorts_async._scheduler import Scheduler
 from amp_cohorts_async.testing import FakeAmplitude, run_in_virtual_time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _baseline_scheduler import AiolimiterScheduler  # noqa: E402
+from _baseline_scheduler import AiolimiterScheduler
 
 LIMITS = amp.Limits()
 

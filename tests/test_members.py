@@ -6,9 +6,9 @@ import gzip
 import pathlib
 
 import anyio
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import pytest
 
 import amp_cohorts_async as amp
 from amp_cohorts_async.testing import FakeAmplitude
