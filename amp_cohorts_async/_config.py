@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -41,6 +42,13 @@ class RateWindow:
     seconds: float = attrs.field(validator=_positive)
 
 
+def _to_windows(value: Iterable[RateWindow]) -> tuple[RateWindow, ...]:
+    try:
+        return tuple(value)
+    except TypeError:
+        raise InvalidRequestError("cohort_requests must be a tuple of RateWindow") from None
+
+
 def _windows(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, tuple) or not all(isinstance(w, RateWindow) for w in value):
         raise InvalidRequestError("cohort_requests must be a tuple of RateWindow")
@@ -58,7 +66,7 @@ class Limits:
     max_concurrent_requests: int = attrs.field(default=5, validator=[_int, _positive])
     cohort_requests: tuple[RateWindow, ...] = attrs.field(
         default=(RateWindow(60, 600.0), RateWindow(4, 60.0)),
-        converter=tuple,
+        converter=_to_windows,
         validator=_windows,
     )
     max_jobs_in_flight: int | None = attrs.field(default=None, validator=[_int, _positive])

@@ -1,0 +1,205 @@
+"""amp-cohorts as users run it: subprocesses against the emulator over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from amp_cohorts_async.testing import FakeAmplitude
+
+CLI = [sys.executable, "-m", "amp_cohorts_async"]
+
+
+@pytest.fixture
+async def served(fake: FakeAmplitude) -> AsyncIterator[tuple[FakeAmplitude, str]]:
+    fake.job_duration = 0.2
+    async with fake.serve() as base_url:
+        yield fake, base_url
+
+
+def env_for(fake: FakeAmplitude) -> dict[str, str]:
+    return {**os.environ, "AMPLITUDE_API_KEY": fake.api_key,
+            "AMPLITUDE_SECRET_KEY": fake.secret_key, "NO_COLOR": "1"}
+
+
+async def cli(served: tuple[FakeAmplitude, str], *args: str, stdin: bytes | None = None
+              ) -> tuple[int, str, str]:
+    fake, base_url = served
+    result = await anyio.run_process(
+        [*CLI, *args, "--base-url", base_url], env=env_for(fake), input=stdin, check=False,
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_list_json_and_table(served: tuple[FakeAmplitude, str]) -> None:
+    code, out, _ = await cli(served, "list", "--json")
+    assert code == 0
+    assert [c["id"] for c in json.loads(out)] == ["small", "large"]
+    code, out, _ = await cli(served, "list")
+    assert code == 0
+    assert out.splitlines()[0].split("\t") == ["small", "Cohort small", "25"]
+
+
+async def test_usage(served: tuple[FakeAmplitude, str]) -> None:
+    code, out, _ = await cli(served, "usage", "--json")
+    assert code == 0
+    assert json.loads(out)["limit"] == 500
+    code, out, _ = await cli(served, "usage")
+    assert out.startswith("0 of 500 cohort requests used this month")
+
+
+async def test_download_ids_and_all(served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+                                    ) -> None:
+    code, out, err = await cli(served, "download", "small", "-o", str(tmp_path), "--props",
+                               "--poll-interval", "0.1")
+    assert code == 0, err
+    assert (tmp_path / "small.csv").read_text().startswith('"amplitude_id","user_id","city"')
+    assert "small: done" in out
+    assert "files are in" in out
+    code, out, err = await cli(served, "download", "--all", "-o", str(tmp_path / "all"),
+                               "--json", "--poll-interval", "0.1")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert [s["cohort_id"] for s in summary] == ["large", "small"] or [
+        s["cohort_id"] for s in summary] == ["small", "large"]
+    assert {s["members"] for s in summary} == {25, 20_000}
+
+
+async def test_request_status_fetch(served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+                                    ) -> None:
+    code, out, _ = await cli(served, "request", "large", "--prop-key", "city")
+    assert code == 0
+    request_id = out.strip()
+    await anyio.sleep(0.3)
+    code, out, _ = await cli(served, "status", request_id)
+    assert (code, out.strip()) == (0, "JOB COMPLETED")
+    code, out, _ = await cli(served, "fetch", request_id, "-o", str(tmp_path / "l.csv"), "--json")
+    assert code == 0
+    assert json.loads(out)["size_bytes"] == (tmp_path / "l.csv").stat().st_size
+    assert served[0].requests_to("request")[0].query == (("props", "1"), ("propKeys", "city"))
+
+
+async def test_upload_from_stdin_and_csv_and_membership(
+    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+) -> None:
+    fake = served[0]
+    code, out, err = await cli(served, "upload", "-", "--name", "From stdin", "--owner",
+                               "o@example.com", "--app-id", "1", "--json",
+                               stdin=b"u1\nu2\n\nu2\n")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["duplicates_removed"] == 1
+    cohort_id = result["cohort_id"]
+    assert fake.member_ids(cohort_id) == {"u1", "u2"}
+    csv_file = tmp_path / "ids.csv"
+    csv_file.write_text("email,user\nx,u3\ny,u4\n")
+    code, out, err = await cli(served, "membership", "add", cohort_id, str(csv_file),
+                               "--column", "user")
+    assert code == 0, err
+    code, _, _ = await cli(served, "membership", "remove", cohort_id, "-", stdin=b"u1\n")
+    assert fake.member_ids(cohort_id) == {"u2", "u3", "u4"}
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("download", "missing", "--poll-interval", "0.1"), 1, "missing\tFAILED"),
+        (("request", "missing"), 4, "error: HTTP 404"),
+        (("download",), 2, "error: name at least one cohort id, or --all"),
+        (("upload", "/no/such/file", "--name", "n", "--owner", "o", "--app-id", "1"), 2,
+         "cannot read /no/such/file"),
+    ],
+)
+async def test_expected_failures_are_one_line(
+    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path, args: tuple[str, ...], code: int,
+    message: str,
+) -> None:
+    got, out, err = await cli(served, *args)
+    assert got == code
+    assert message in out + err
+    assert "Traceback" not in err
+
+
+async def test_bad_credentials(served: tuple[FakeAmplitude, str]) -> None:
+    fake, base_url = served
+    result = await anyio.run_process(
+        [*CLI, "list", "--base-url", base_url],
+        env={**env_for(fake), "AMPLITUDE_SECRET_KEY": "wrong"}, check=False)
+    assert result.returncode == 3
+    assert result.stderr.decode().startswith("error: HTTP 401")
+    assert "wrong" not in result.stderr.decode()
+    result = await anyio.run_process(
+        [*CLI, "list", "--base-url", base_url, "--debug"],
+        env={**env_for(fake), "AMPLITUDE_SECRET_KEY": "wrong"}, check=False)
+    assert "Traceback" in result.stderr.decode()
+
+
+async def test_missing_credentials(served: tuple[FakeAmplitude, str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMPLITUDE_")}
+    result = await anyio.run_process([*CLI, "usage"], env=env, check=False)
+    assert result.returncode == 2
+    assert "api_key is required" in result.stderr.decode()
+
+
+async def test_ctrl_c_then_resume_spends_no_extra_quota(
+    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+) -> None:
+    fake, base_url = served
+    fake.inject("s3", "slow", delay=0.5, times=1)
+    async with await anyio.open_process(
+        [*CLI, "download", "large", "small", "-o", str(tmp_path), "--poll-interval", "0.1",
+         "--base-url", base_url], env=env_for(fake),
+    ) as process:
+        with anyio.fail_after(20):
+            while not fake.requests_to("s3"):  # mid-download of the large file
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(20):
+            code = await process.wait()
+        assert process.stderr is not None
+        err = (await process.stderr.receive()).decode()
+    assert code == 130
+    assert "--resume" in err
+    assert not (tmp_path / "large.csv").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    assert (tmp_path / ".amp-cohorts-journal.json").exists()
+    spent = fake.cohort_requests
+    code, _out, err = await cli(served, "download", "large", "small", "-o", str(tmp_path),
+                               "--resume", "--poll-interval", "0.1")
+    assert code == 0, err
+    assert fake.cohort_requests == spent
+    assert (tmp_path / "large.csv").exists()
+
+
+async def test_progress_renders_under_a_terminal(
+    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+) -> None:
+    import pexpect
+
+    fake, base_url = served
+    fake.job_duration = 1.0
+    child = pexpect.spawn(
+        CLI[0], [*CLI[1:], "download", "large", "small", "-o", str(tmp_path),
+                 "--poll-interval", "0.3", "--base-url", base_url],
+        env=env_for(fake), dimensions=(40, 120), timeout=30,
+    )
+    screen = b""
+    while True:
+        try:
+            screen += await anyio.to_thread.run_sync(child.read_nonblocking, 65536, 20)
+        except pexpect.EOF:
+            break
+    child.close()
+    text = screen.decode("utf-8", "replace")
+    for phase in ("requested", "polling", "done", "cohorts"):
+        assert phase in text, phase
+    assert "\x1b[" in text  # a live, redrawn display, not plain lines
+    assert child.exitstatus == 0
