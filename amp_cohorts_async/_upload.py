@@ -50,18 +50,29 @@ def _check_id(value: Any, position: int) -> str:
 
 
 def _dedupe(values: Iterable[Any], limit: int) -> tuple[list[str], int]:
-    seen: dict[str, None] = {}
-    count = 0
-    for position, value in enumerate(values):
-        seen[_check_id(value, position)] = None
-        count += 1
-        if len(seen) > limit:
-            raise InvalidRequestError(
-                f"more than {limit:,} distinct ids (max_cohort_size); split the cohort"
-            )
-    if not seen:
+    """Distinct ids in first-seen order, and how many duplicates were dropped.
+
+    The checks run at C speed (``dict.fromkeys``, ``map``); only when one fails does a Python
+    loop look for the first offending position, for the error message.
+    """
+    items = values if isinstance(values, list) else list(values)
+    if not items:
         raise InvalidRequestError("ids must not be empty")
-    return list(seen), count - len(seen)
+    try:
+        distinct = set(items)  # a set is the cheapest way to learn types, blanks and duplicates
+    except TypeError:  # an unhashable item: certainly not a string
+        distinct = set()
+    if (not distinct or set(map(type, distinct)) != {str}
+            or min(map(len, map(str.strip, distinct))) == 0):
+        for position, value in enumerate(items):
+            _check_id(value, position)
+    if len(distinct) > limit:
+        raise InvalidRequestError(
+            f"more than {limit:,} distinct ids (max_cohort_size); split the cohort"
+        )
+    if len(distinct) == len(items):
+        return items, 0
+    return list(dict.fromkeys(items)), len(items) - len(distinct)
 
 
 async def collect_ids(
