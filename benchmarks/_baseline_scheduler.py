@@ -7,11 +7,26 @@ Same concurrency gate and pause as ours; only the cohort-request windows differ:
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 
 from aiolimiter import AsyncLimiter
 
 from amp_cohorts_async._scheduler import Scheduler
+
+
+class _VirtualTimeSafeLimiter(AsyncLimiter):
+    """AsyncLimiter with its wake-up timer moved 1 µs later.
+
+    Under virtual time its float wake-up can land a hair before its own deadline, find no
+    capacity, and re-arm a timer that is already due: a livelock. One microsecond of slack
+    avoids that without changing what it admits.
+    """
+
+    def _wake_next(self, *args: object) -> None:
+        super()._wake_next(*args)
+        handle = self._waker_handle
+        if handle is not None:
+            handle.cancel()
+            self._waker_handle = self._loop.call_at(handle.when() + 1e-6, self._wake_next)
 
 
 class AiolimiterScheduler(Scheduler):
@@ -21,7 +36,7 @@ class AiolimiterScheduler(Scheduler):
 
     async def _admit_cohort_request(self, on_wait: Callable[[float], None] | None) -> str:
         if self._limiters is None:
-            self._limiters = [AsyncLimiter(w.max_requests, w.seconds)
+            self._limiters = [_VirtualTimeSafeLimiter(w.max_requests, w.seconds)
                               for w in self.limits.cohort_requests]
         month = self.month()
         self.backend.reserve_quota(month, self.limits.monthly_quota)
@@ -31,9 +46,3 @@ class AiolimiterScheduler(Scheduler):
         for log in self.backend.logs:  # type: ignore[attr-defined]
             log.in_flight += 1
         return month
-
-
-def utc_now() -> datetime:
-    from datetime import UTC
-
-    return datetime.now(UTC)
