@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 import amp_cohorts_async as amp
-from amp_cohorts_async.testing import FakeAmplitude
-from amp_cohorts_async.testing._virtual import threads_visible_to_looptime
+from amp_cohorts_async.testing import FakeAmplitude, threads_visible_to_looptime
 
 # Fast polling keeps virtual-time tests short; the limits stay Amplitude's real ones.
 FAST_POLL = amp.PollPolicy(initial_interval=1.0, max_interval=5.0, deadline=3600.0)

@@ -16,7 +16,7 @@ Over loopback sockets::
 
 from ._data import FakeCohort, Member
 from ._fake import FakeAmplitude, FakeRequest, FakeResponse, Fault, LoggedRequest, Violation
-from ._virtual import run_in_virtual_time
+from ._virtual import run_in_virtual_time, threads_visible_to_looptime
 
 __all__ = (
     "FakeAmplitude",
@@ -28,4 +28,5 @@ __all__ = (
     "Member",
     "Violation",
     "run_in_virtual_time",
+    "threads_visible_to_looptime",
 )
