@@ -75,6 +75,15 @@ def _print_json(value: Any, out: IO[str]) -> None:
     out.write("\n")
 
 
+def _report(args: argparse.Namespace, out: IO[str], value: Any, text: str) -> int:
+    """``value`` as JSON with --json, else one line of ``text``."""
+    if args.json:
+        _print_json(value, out)
+    else:
+        out.write(text + "\n")
+    return 0
+
+
 # -- reading ids ---------------------------------------------------------------------------
 
 def read_ids(source: str, column: str | None) -> list[str]:
@@ -132,12 +141,8 @@ async def cmd_list(client: CohortsClient, args: argparse.Namespace, out: IO[str]
 
 async def cmd_usage(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
     usage = await client.get_usage()
-    if args.json:
-        _print_json(usage, out)
-    else:
-        out.write(f"{usage.usage} of {usage.limit} cohort requests used this month; "
-                  f"{usage.remaining} left; resets {usage.resets_at.isoformat()}\n")
-    return 0
+    return _report(args, out, usage, f"{usage.usage} of {usage.limit} cohort requests used "
+                   f"this month; {usage.remaining} left; resets {usage.resets_at.isoformat()}")
 
 
 async def _count_members(path: pathlib.Path) -> int:
@@ -221,14 +226,10 @@ async def cmd_upload(client: CohortsClient, args: argparse.Namespace, out: IO[st
         published=args.published, existing_cohort_id=args.existing, cg=args.group,
         skip_save=args.dry_run,
     )
-    if args.json:
-        _print_json(result, out)
-    else:
-        dupes = result.duplicates_removed
-        out.write(f"cohort {result.cohort_id}: {result.matched:,} of {result.totals:,} ids "
-                  f"matched in {result.requests_sent} requests"
-                  + (f", {dupes:,} duplicates removed" if dupes else "") + "\n")
-    return 0
+    dupes = result.duplicates_removed
+    return _report(args, out, result, f"cohort {result.cohort_id}: {result.matched:,} of "
+                   f"{result.totals:,} ids matched in {result.requests_sent} requests"
+                   + (f", {dupes:,} duplicates removed" if dupes else ""))
 
 
 async def cmd_membership(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
@@ -238,42 +239,26 @@ async def cmd_membership(client: CohortsClient, args: argparse.Namespace, out: I
         args.cohort_id, [MembershipChange(ids=ids, id_type=args.id_type, operation=operation)],
         count_group=args.count_group,
     )
-    if args.json:
-        _print_json(result, out)
-    else:
-        skipped = sum(len(o.skipped_ids) for o in result.memberships_result)
-        out.write(f"cohort {result.cohort_id}: {operation.value} {len(ids):,} ids in "
-                  f"{result.requests_sent} requests, {skipped:,} skipped\n")
-    return 0
+    skipped = sum(len(o.skipped_ids) for o in result.memberships_result)
+    return _report(args, out, result, f"cohort {result.cohort_id}: {operation.value} "
+                   f"{len(ids):,} ids in {result.requests_sent} requests, {skipped:,} skipped")
 
 
 async def cmd_request(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
     props = args.props or bool(args.prop_key)
     request = await client.request_cohort(args.cohort_id, props=props,
                                           prop_keys=tuple(args.prop_key))
-    if args.json:
-        _print_json(request, out)
-    else:
-        out.write(f"{request.request_id}\n")
-    return 0
+    return _report(args, out, request, request.request_id)
 
 
 async def cmd_status(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
     status = await client.get_request_status(args.request_id)
-    if args.json:
-        _print_json(status, out)
-    else:
-        out.write(f"{status.async_status}\n")
-    return 0
+    return _report(args, out, status, str(status.async_status))
 
 
 async def cmd_fetch(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
     result: DownloadResult = await client.download_file(args.request_id, args.output)
-    if args.json:
-        _print_json(result, out)
-    else:
-        out.write(f"{result.path}\t{result.size_bytes}\t{result.sha256}\n")
-    return 0
+    return _report(args, out, result, f"{result.path}\t{result.size_bytes}\t{result.sha256}")
 
 
 COMMANDS = {
