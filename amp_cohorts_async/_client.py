@@ -14,8 +14,10 @@ from typing import Any, Self
 import anyio
 import httpx
 
+from ._batch import download_cohorts
 from ._config import Limits, PollPolicy, RetryPolicy, resolve_base_url
 from ._convert import CohortList, structure
+from ._download import Downloader
 from ._exceptions import InvalidRequestError
 from ._http import Credentials, HttpBoundary, default_http_client
 from ._models import (
@@ -32,6 +34,7 @@ from ._models import (
 )
 from ._pipeline import Pipeline
 from ._scheduler import LimitsBackend, RequestKind, Scheduler
+from ._upload import Uploader
 from ._validate import path_segment, require_bool, text_sequence
 
 __all__ = ("CohortsClient",)
@@ -235,8 +238,6 @@ class CohortsClient:
 
     async def download_file(self, request_id: str, dest: str | PathLike[str]) -> DownloadResult:
         """GET /api/5/cohorts/request/{request_id}/file, streamed atomically to ``dest``."""
-        from ._download import Downloader
-
         return await Downloader(self).download_file(request_id, dest)
 
     async def upload_cohort(
@@ -254,8 +255,6 @@ class CohortsClient:
         existing_cohort_id: str | None = None,
     ) -> UploadResult:
         """POST /api/3/cohorts/upload, split into chunks of ``max_ids_per_request``."""
-        from ._upload import Uploader
-
         return await Uploader(self).upload_cohort(
             name=name,
             app_id=app_id,
@@ -278,8 +277,6 @@ class CohortsClient:
         skip_invalid_ids: bool = True,
     ) -> MembershipResult:
         """POST /api/3/cohorts/membership, each change split into chunks as needed."""
-        from ._upload import Uploader
-
         return await Uploader(self).update_membership(
             cohort_id, memberships, count_group=count_group, skip_invalid_ids=skip_invalid_ids
         )
@@ -295,8 +292,6 @@ class CohortsClient:
         on_progress: ProgressCallback | None = None,
     ) -> DownloadResult:
         """Request, poll and download one cohort to ``dest`` (a file, or a directory)."""
-        from ._download import Downloader
-
         return await Downloader(self, on_progress).download_cohort(
             cohort_id, dest, props=props, prop_keys=prop_keys
         )
@@ -321,8 +316,6 @@ class CohortsClient:
         ``JOURNAL_REQUEST_TTL`` (6 days, inside Amplitude's 7-day validity) instead of spending
         quota again.
         """
-        from ._batch import download_cohorts
-
         return await download_cohorts(
             self,
             cohort_ids,

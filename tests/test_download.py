@@ -385,3 +385,25 @@ async def test_known_sizes_start_the_largest_first(
     assert [o.cohort_id for o in outcomes] == [c.id for c in cohorts]  # input order kept
     requested = [e.path.rsplit("/", 1)[1] for e in fake.requests_to("request")]
     assert requested == ["s1", "s3", "s5", "s2", "s4", "s0"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "gzip"), [("truncate", False), ("cut", True), ("expired_link", False)]
+)
+async def test_faults_over_real_sockets(tmp_path: pathlib.Path, kind: Any, gzip: bool) -> None:
+    """A short body over a real connection is a protocol error, not a silent short file."""
+    with FakeAmplitude(gzip=gzip) as fake:
+        fake.add_cohort("large", size=20_000)
+        endpoint = "file" if kind == "expired_link" else "s3"
+        fake.inject(endpoint, kind, after_bytes=50_000)
+        async with fake.serve() as base_url:
+            async with amp.CohortsClient(fake.api_key, fake.secret_key, base_url=base_url,
+                                         poll=amp.PollPolicy(initial_interval=0.01)) as client:
+                result = await client.download_cohort("large", tmp_path)
+        stored = fake.export_bytes(result.request_id)
+    import gzip as gzip_module
+
+    expected = gzip_module.decompress(stored) if gzip else stored
+    assert result.path.read_bytes() == expected
+    assert [e.status for e in fake.requests_to("s3")][-1] in (200, 206)
+    assert leftovers(tmp_path) == []
