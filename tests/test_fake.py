@@ -310,3 +310,20 @@ def test_client_model_round_trip_of_fake_cohorts(fake: FakeAmplitude) -> None:
     parsed = structure(data, CohortList, what="list")
     assert [c.id for c in parsed.cohorts] == ["small", "large"]
     assert isinstance(parsed.cohorts[0], amp.Cohort)
+
+
+async def test_standalone_server_module() -> None:
+    import sys
+
+    async with await anyio.open_process(
+        [sys.executable, "-m", "amp_cohorts_async.testing", "--cohort", "abc:7:city",
+         "--job-seconds", "0"]
+    ) as process:
+        assert process.stdout is not None
+        with anyio.fail_after(20):
+            first_line = (await process.stdout.receive()).decode().splitlines()[0]
+        base_url = first_line.rsplit(" ", 1)[1]
+        async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as http:
+            cohorts = (await http.get("/api/3/cohorts")).json()["cohorts"]
+        process.terminate()
+    assert [(c["id"], c["size"]) for c in cohorts] == [("abc", 7)]
