@@ -688,17 +688,18 @@ class FakeAmplitude:
 async def _read_range(
     export: IO[bytes], lock: threading.Lock, start: int, end: int
 ) -> AsyncIterator[bytes]:
-    """Stream bytes [start, end) of a shared spooled file (large reads off the loop)."""
+    """Stream bytes [start, end) of a shared export; large ones in 1 MiB reads off the loop."""
+    large = end - start > (8 << 20)
+    step = (1 << 20) if large else _CHUNK
     position = start
 
     def read(at: int) -> bytes:
         with lock:  # several transfers may read one export at once
             export.seek(at)
-            return export.read(min(_CHUNK, end - at))
+            return export.read(min(step, end - at))
 
     while position < end:
-        chunk = await anyio.to_thread.run_sync(read, position) if end - start > (8 << 20) else (
-            read(position))
+        chunk = await anyio.to_thread.run_sync(read, position) if large else read(position)
         if not chunk:
             break
         position += len(chunk)
