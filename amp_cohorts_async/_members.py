@@ -12,7 +12,7 @@ import csv
 import gzip
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from operator import methodcaller
 from os import PathLike
 from typing import IO
@@ -55,17 +55,33 @@ class _Reader:
         self.header = [_strip_tab(name) for name in header] if header else []
         self.tabbed: bool | None = None  # group cohorts: every value starts with a tab
 
-    def _fast(self, lines: list[str]) -> list[list[str]] | None:
+    def _fast(self, lines: list[str]) -> list[dict[str, str]] | None:
+        """Rows of a chunk in the plain all-quoted shape, or None to take the csv path.
+
+        With no quote inside any field, the chunk holds exactly two quotes and ``width - 1``
+        separators per record; rows are then built straight from the splits, so no list of
+        fields outlives its row (which keeps the garbage collector out of the way).
+        """
         width = len(self.header)
         chunk = "".join(lines)
         if not (chunk.startswith('"') and chunk.endswith('"\n')) or "\r" in chunk:
             return None
         records = chunk[1:-2].split('"\n"')
-        if chunk.count('"') != 2 * width * len(records):
+        if (chunk.count('"') != 2 * width * len(records)
+                or chunk.count('","') != (width - 1) * len(records)):
             return None
-        rows = list(map(methodcaller("split", '","'), records))
-        lengths = set(map(len, rows))
-        return rows if lengths == {width} else None
+        if self.tabbed is None:
+            self._detect_tabs(records[0].split('","'))
+        if self.tabbed:
+            return None  # group cohorts: the csv path strips the tabs
+        fields = map(methodcaller("split", '","'), records)
+        rows = list(map(dict, map(zip, itertools.repeat(self.header), fields)))
+        # A short record shows as a short dict (the counts above rule out a long one alone).
+        return rows if set(map(len, rows)) == {width} else None
+
+    def _detect_tabs(self, values: list[str]) -> None:
+        present = [value for value in values if value]
+        self.tabbed = bool(present) and all(value[:1] == "\t" for value in present)
 
     def _slow(self, lines: list[str]) -> list[list[str]]:
         done = False
@@ -90,99 +106,39 @@ class _Reader:
         lines = self.text.readlines(_BATCH_BYTES)
         if not lines:
             return []
-        rows = self._fast(lines)
-        if rows is None:
-            rows = self._slow(lines)
+        fast = self._fast(lines)
+        if fast is not None:
+            return fast
+        rows = self._slow(lines)
         if not rows:
             return self.batch()  # blank lines only
         if self.tabbed is None:
-            values = [value for value in rows[0] if value]
-            self.tabbed = bool(values) and all(value[:1] == "\t" for value in values)
+            self._detect_tabs(rows[0])
         if self.tabbed:
             rows = [list(map(_strip_tab, row)) for row in rows]
-        return list(map(dict, map(zip, itertools.repeat(self.header, len(rows)), rows)))
+        return list(map(dict, map(zip, itertools.repeat(self.header), rows)))
 
     def close(self) -> None:
         self.text.close()
 
 
-class _Ready:
-    """An awaitable that is already done: yielding a parsed row costs no coroutine."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value: dict[str, str] = {}
-
-    def __await__(self) -> Generator[None, None, dict[str, str]]:
-        return self.value
-        yield  # a generator that finishes at once: awaiting it never suspends
-
-
-class _MemberIterator:
-    """Async iterator over parsed rows; only a batch refill actually awaits (a thread)."""
-
-    def __init__(self, path: str | PathLike[str]) -> None:
-        self.path = path
-        self.reader: _Reader | None = None
-        self.batch: list[dict[str, str]] = []
-        self.position = 0
-        self.done = False
-        self.ready = _Ready()
-
-    def __aiter__(self) -> _MemberIterator:
-        return self
-
-    def __anext__(self) -> Awaitable[dict[str, str]]:
-        if self.position < len(self.batch):
-            self.ready.value = self.batch[self.position]
-            self.position += 1
-            return self.ready
-        return self._refill()
-
-    async def _refill(self) -> dict[str, str]:
-        if self.done:
-            raise StopAsyncIteration
-        try:
-            if self.reader is None:
-                self.reader = await anyio.to_thread.run_sync(_Reader, self.path)
-            self.batch = await anyio.to_thread.run_sync(self.reader.batch)
-        except FileNotFoundError:
-            self.done = True
-            raise InvalidRequestError(f"no such file: {os.fspath(self.path)}") from None
-        except BaseException:
-            await self.aclose()
-            raise
-        self.position = 0
-        if not self.batch:
-            await self.aclose()
-            raise StopAsyncIteration
-        self.position = 1
-        return self.batch[0]
-
-    async def aclose(self) -> None:
-        """Close the file now (also done at the end, on error, and by ``async with``)."""
-        self.done = True
-        self.batch = []
-        if self.reader is not None:
-            reader, self.reader = self.reader, None
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(reader.close)
-
-    async def __aenter__(self) -> _MemberIterator:
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.aclose()
-
-
-def iter_members(path: str | PathLike[str]) -> AsyncIterator[dict[str, str]]:
+async def iter_members(path: str | PathLike[str]) -> AsyncIterator[dict[str, str]]:
     """Async-iterate the rows of a downloaded cohort file as dicts keyed by the header.
 
     Constant memory (a batch of rows at a time), parsing in a worker thread. Breaking out of
-    the loop early leaves the file to be closed when the iterator is collected; use
-    ``async with`` on the iterator or call ``aclose()`` to close it at once.
+    the loop early leaves the file to be closed when the iterator is finalised; call
+    ``aclose()`` on it (or use ``contextlib.aclosing``) to close it at once.
     """
     if not isinstance(path, str | PathLike) or not os.fspath(path):
         raise InvalidRequestError(f"path must be a file path, got {path!r}")
-    return _MemberIterator(path)
+    try:
+        reader = await anyio.to_thread.run_sync(_Reader, path)
+    except FileNotFoundError:
+        raise InvalidRequestError(f"no such file: {os.fspath(path)}") from None
+    try:
+        while batch := await anyio.to_thread.run_sync(reader.batch):
+            for row in batch:  # an async generator's yield is the cheapest per-row hand-off
+                yield row
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(reader.close)
