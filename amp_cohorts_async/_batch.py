@@ -73,6 +73,8 @@ async def download_cohorts(
         entry = journal.entries.get(journal_key(cohort_id, props, keys))
         if entry is None:
             continue
+        if not entry.request_is_fresh(now):
+            continue  # older than the export's validity: this run makes a fresh export
         if entry.file and entry.sha256 and entry.request_id:
             path = directory / entry.file
             if path.is_file() and await anyio.to_thread.run_sync(_sha256_of, path) == entry.sha256:
@@ -81,7 +83,7 @@ async def download_cohorts(
                     size_bytes=path.stat().st_size, sha256=entry.sha256,
                 )
                 continue
-        if entry.request_is_fresh(now) and entry.request_id:
+        if entry.request_id:
             reusable[cohort_id] = CohortRequest(request_id=entry.request_id, cohort_id=cohort_id)
 
     needed = sum(1 for c in unique if c not in finished and c not in reusable)

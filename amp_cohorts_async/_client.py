@@ -311,10 +311,11 @@ class CohortsClient:
         ``cohort_ids`` may hold ``Cohort`` objects (from ``list_cohorts``): their sizes let the
         batch start the largest exports first, which shortens the whole batch.
 
-        With ``resume=True`` (the default) a journal in ``dest_dir`` lets a rerun skip files
-        already downloaded (verified by sha256) and reuse export requests younger than
-        ``JOURNAL_REQUEST_TTL`` (6 days, inside Amplitude's 7-day validity) instead of spending
-        quota again.
+        With ``resume=True`` (the default) a journal in ``dest_dir`` lets a rerun, for export
+        requests younger than 6 days (inside Amplitude's 7-day validity), skip files already
+        downloaded (verified by sha256) and fetch the others from the earlier request instead
+        of spending quota again. Older entries are ignored. ``resume=False`` makes fresh
+        exports of everything.
         """
         return await download_cohorts(
             self,

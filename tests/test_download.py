@@ -407,3 +407,20 @@ async def test_faults_over_real_sockets(tmp_path: pathlib.Path, kind: Any, gzip:
     assert result.path.read_bytes() == expected
     assert [e.status for e in fake.requests_to("s3")][-1] in (200, 206)
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.looptime
+async def test_finished_files_older_than_the_ttl_are_exported_again(
+    fake: FakeAmplitude, tmp_path: pathlib.Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = [datetime(2026, 3, 1, tzinfo=UTC)]
+    async with client_for(fake, wall_clock=lambda: now[0]) as client:
+        await client.download_cohorts(["small"], tmp_path)
+        now[0] += timedelta(days=5)
+        await client.download_cohorts(["small"], tmp_path)
+        assert fake.cohort_requests == 1  # fresh enough: skipped
+        now[0] += timedelta(days=2)
+        await client.download_cohorts(["small"], tmp_path)
+    assert fake.cohort_requests == 2
