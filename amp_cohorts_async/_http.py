@@ -33,7 +33,7 @@ __all__ = (
     "Credentials",
     "HttpBoundary",
     "default_http_client",
-    "fate_unknown",
+    "never_sent",
     "parse_retry_after",
 )
 
@@ -84,17 +84,15 @@ def default_http_client(max_connections: int, transport: httpx.AsyncBaseTranspor
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
-def fate_unknown(error: BaseException) -> bool:
-    """Whether the server may have received and acted on a request that raised ``error``."""
-    if isinstance(error, TransportError):
-        return not getattr(error, "not_sent", False)
-    return isinstance(error, ServerError)
-
-
 class _TransportError(TransportError):
     def __init__(self, message: str, *, not_sent: bool) -> None:
         super().__init__(message)
         self.not_sent = not_sent
+
+
+def never_sent(error: TransportError) -> bool:
+    """Whether ``error`` happened before a byte of the request left (connect, pool)."""
+    return isinstance(error, _TransportError) and error.not_sent
 
 
 def translate_transport_error(exc: httpx.HTTPError, request: httpx.Request) -> TransportError:

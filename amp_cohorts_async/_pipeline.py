@@ -12,7 +12,7 @@ import httpx
 
 from ._config import RetryPolicy
 from ._exceptions import AmplitudeError, RateLimitError, TransportError
-from ._http import HttpBoundary, parse_json
+from ._http import HttpBoundary, never_sent, parse_json
 from ._retry import decide
 from ._scheduler import Outcome, RequestKind, Scheduler, WaitCallback
 
@@ -81,9 +81,7 @@ class Pipeline:
             try:
                 response = await self.boundary.send(build())
             except TransportError as error:
-                ticket.outcome = Outcome.NOT_SENT if getattr(error, "not_sent", False) else (
-                    Outcome.UNKNOWN
-                )
+                ticket.outcome = Outcome.NOT_SENT if never_sent(error) else Outcome.UNKNOWN
                 raise
             code = response.status_code
             if code < 400:

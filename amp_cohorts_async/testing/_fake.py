@@ -16,7 +16,7 @@ import random
 import secrets
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
@@ -716,7 +716,3 @@ async def _slowly(body: bytes | AsyncIterator[bytes], delay: float) -> AsyncIter
         await anyio.sleep(delay)
         yield chunk
 
-
-def iter_chunks(body: bytes) -> Iterator[bytes]:
-    for start in range(0, len(body), _CHUNK):
-        yield body[start : start + _CHUNK]
