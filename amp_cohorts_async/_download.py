@@ -301,17 +301,13 @@ class Downloader:
             bytes_total = expected
         else:
             raise DownloadError(f"unexpected HTTP {response.status_code} for the cohort file")
-        received = 0
-        next_report = 0
+        def report() -> None:
+            self.emit(cohort_id, "downloading", bytes_done=writer.raw_bytes,
+                      bytes_total=bytes_total)
+
+        body = _preloaded(response.content) if preloaded else response.aiter_raw()
         try:
-            body = _preloaded(response.content) if preloaded else response.aiter_raw()
-            async for chunk in body:
-                received += len(chunk)
-                await writer.feed(chunk)
-                if writer.raw_bytes >= next_report:
-                    self.emit(cohort_id, "downloading", bytes_done=writer.raw_bytes,
-                              bytes_total=bytes_total)
-                    next_report = writer.raw_bytes + (1 << 20)
+            received = await writer.pump(body, report)
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response.request) from None
         if expected is not None and received < expected:
@@ -319,7 +315,7 @@ class Downloader:
         if expected is not None and received > expected:
             await writer.restart(encoding)
             raise _Incomplete(f"body longer than Content-Length ({received} > {expected})")
-        self.emit(cohort_id, "downloading", bytes_done=writer.raw_bytes, bytes_total=bytes_total)
+        report()
 
     @staticmethod
     def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:

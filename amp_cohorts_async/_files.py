@@ -13,6 +13,7 @@ import pathlib
 import re
 import secrets
 import zlib
+from collections.abc import AsyncIterator, Callable
 from typing import IO, Any
 
 import anyio
@@ -49,8 +50,6 @@ class AtomicWriter:
         self.target = target
         self.temp = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
         self._file: IO[bytes] | None = None
-        self._pending: list[bytes] = []
-        self._pending_size = 0
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -61,23 +60,27 @@ class AtomicWriter:
         self.encoding: str | None = None
 
     # -- thread-side work -------------------------------------------------------------------
-    def _write_chunks(self, chunks: list[bytes], gunzip: Any) -> int:
+    def _write_chunks(self, chunks: list[bytes], gunzip: Any) -> None:
+        """Decode, write and hash ``chunks``; the counters move with what reached the file.
+
+        Counting here, in the thread, keeps them true even when the awaiting task is cancelled
+        after the write: the resume offset is always exactly what the file holds.
+        """
         assert self._file is not None
-        written = 0
         for chunk in chunks:
             data = gunzip.decompress(chunk) if gunzip is not None else chunk
             if data:
                 self._file.write(data)
                 self._hash.update(data)
-                written += len(data)
-        return written
+                self.size_bytes += len(data)
+            self.raw_bytes += len(chunk)
 
-    def _write_tail(self, data: bytes) -> int:
+    def _write_tail(self, data: bytes) -> None:
         assert self._file is not None
         if data:
             self._file.write(data)
             self._hash.update(data)
-        return len(data)
+            self.size_bytes += len(data)
 
     def _sync_and_rename(self) -> None:
         assert self._file is not None
@@ -128,40 +131,73 @@ class AtomicWriter:
 
     async def restart(self, encoding: str | None) -> None:
         """Throw away what was written: the server sent the whole body again."""
-        await self._drain()
         await anyio.to_thread.run_sync(self._truncate)
         self._reset_counters()
         self.start_representation(encoding)
 
-    async def feed(self, chunk: bytes) -> None:
-        self.raw_bytes += len(chunk)
-        self._pending.append(chunk)
-        self._pending_size += len(chunk)
-        if self._pending_size >= BATCH_BYTES:
-            await self._drain()
+    async def pump(
+        self, chunks: AsyncIterator[bytes], on_batch: Callable[[], None] | None = None
+    ) -> int:
+        """Write raw ``chunks`` until they end; returns how many bytes arrived.
 
-    async def _drain(self) -> None:
-        if not self._pending:
-            return
-        chunks, self._pending, self._pending_size = self._pending, [], 0
+        Batches of ~1 MiB are decoded, written and hashed in a worker thread while the next
+        batch is being received (one batch in the thread, at most one more queued), so the
+        network and the disk/hash work overlap and memory stays at a few MiB.
+        """
+        send, receive = anyio.create_memory_object_stream[list[bytes]](1)
+        received = 0
+        failure: Exception | None = None
+
+        async def write_batches() -> None:
+            async with receive:
+                async for batch in receive:
+                    await self._write_batch(batch)
+
         try:
-            self.size_bytes += await anyio.to_thread.run_sync(
-                self._write_chunks, chunks, self._gunzip
-            )
+            async with anyio.create_task_group() as group:
+                group.start_soon(write_batches)
+                async with send:
+                    pending: list[bytes] = []
+                    size = 0
+                    try:
+                        async for chunk in chunks:
+                            received += len(chunk)
+                            pending.append(chunk)
+                            size += len(chunk)
+                            if size >= BATCH_BYTES:
+                                await send.send(pending)
+                                pending, size = [], 0
+                                if on_batch is not None:
+                                    on_batch()
+                    except Exception as exc:
+                        failure = exc  # the connection broke: keep every byte that arrived
+                    if pending:
+                        await send.send(pending)
+        except BaseExceptionGroup as group:
+            # One side failed (the network or the disk) and the other was cancelled: raise
+            # that one error as itself, not wrapped in a group.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if failure is not None:
+            raise failure
+        return received
+
+    async def _write_batch(self, chunks: list[bytes]) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._write_chunks, chunks, self._gunzip)
         except zlib.error as exc:
             raise DownloadError(f"corrupt gzip body: {exc}") from None
         except OSError as exc:
             raise DownloadError(f"cannot write {self.target}: {exc.strerror or exc}") from None
 
     async def commit(self) -> str:
-        """Write what is left, fsync, rename into place; returns the sha256 hex digest."""
-        await self._drain()
+        """fsync, rename into place; returns the sha256 hex digest."""
         try:
             if self._gunzip is not None:
                 if not self._gunzip.eof:
                     raise DownloadError("gzip body ended early")
-                self.size_bytes += await anyio.to_thread.run_sync(self._write_tail,
-                                                                   self._gunzip.flush())
+                await anyio.to_thread.run_sync(self._write_tail, self._gunzip.flush())
             await anyio.to_thread.run_sync(self._sync_and_rename)
         except OSError as exc:
             raise DownloadError(f"cannot write {self.target}: {exc.strerror or exc}") from None
