@@ -55,7 +55,7 @@ class _Reader:
         self.header = [_strip_tab(name) for name in header] if header else []
         self.tabbed: bool | None = None  # group cohorts: every value starts with a tab
 
-    def _fast(self, lines: list[str]) -> list[dict[str, str]] | None:
+    def _fast(self, chunk: str) -> list[dict[str, str]] | None:
         """Rows of a chunk in the plain all-quoted shape, or None to take the csv path.
 
         With no quote inside any field, the chunk holds exactly two quotes and ``width - 1``
@@ -63,13 +63,12 @@ class _Reader:
         fields outlives its row (which keeps the garbage collector out of the way).
         """
         width = len(self.header)
-        chunk = "".join(lines)
         if not (chunk.startswith('"') and chunk.endswith('"\n')) or "\r" in chunk:
             return None
-        records = chunk[1:-2].split('"\n"')
-        if (chunk.count('"') != 2 * width * len(records)
-                or chunk.count('","') != (width - 1) * len(records)):
+        count = chunk.count('"\n"') + 1  # records, if no field holds a quote
+        if chunk.count('"') != 2 * width * count or chunk.count('","') != (width - 1) * count:
             return None
+        records = chunk[1:-2].split('"\n"')
         if self.tabbed is None:
             self._detect_tabs(records[0].split('","'))
         if self.tabbed:
@@ -106,16 +105,26 @@ class _Reader:
         lines = self.text.readlines(_BATCH_BYTES)
         if not lines:
             return []
-        fast = self._fast(lines)
+        chunk = "".join(lines)
+        fast = self._fast(chunk)
         if fast is not None:
             return fast
-        rows = self._slow(lines)
-        if not rows:
+        rows: Iterator[list[str]]
+        if chunk.count('"') % 2 == 0:
+            # The chunk ends outside any quoted field, so it holds whole records: the csv
+            # module parses it at C speed (blank lines dropped).
+            rows = filter(None, csv.reader(lines))
+        else:
+            rows = iter(self._slow(lines))  # a record runs on past the chunk
+        first = next(rows, None)
+        if first is None:
             return self.batch()  # blank lines only
         if self.tabbed is None:
-            self._detect_tabs(rows[0])
+            self._detect_tabs(first)
+        rows = itertools.chain([first], rows)
         if self.tabbed:
-            rows = [list(map(_strip_tab, row)) for row in rows]
+            rows = (list(map(_strip_tab, row)) for row in rows)
+        # Rows go straight into dicts: no list of fields outlives its row.
         return list(map(dict, map(zip, itertools.repeat(self.header), rows)))
 
     def close(self) -> None:
