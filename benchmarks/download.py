@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
@@ -92,18 +91,31 @@ async def bare_httpx(url: str) -> float:
         return time.perf_counter() - started
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def rss_child(base_url: str, request_id: str, dest: str) -> None:
-    """Run in a fresh process: RSS growth of one download (KiB -> MiB printed as JSON)."""
+    """Run in a fresh process: peak RSS growth of one download, as JSON (bytes).
+
+    getrusage's ru_maxrss would include the parent's size at fork (Linux keeps the high-water
+    mark across exec), so the peak is reset through /proc/self/clear_refs and read as VmHWM.
+    """
     import amp_cohorts_async._download  # noqa: F401 - import everything before measuring
 
     async def run() -> None:
         async with amp.CohortsClient(API_KEY, SECRET_KEY, base_url=base_url) as client:
             await client.get_usage()  # connections, threads and imports warmed up
-            with open("/proc/self/statm") as statm:
-                before = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # reset the peak-RSS high-water mark
+            before = _status_kib("VmRSS")
             await client.download_file(request_id, dest)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(json.dumps({"growth": max(0, peak - before)}))
+        peak = _status_kib("VmHWM")
+        print(json.dumps({"growth": max(0, peak - before) * 1024}))
 
     asyncio.run(run())
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import pathlib
-import resource
 import subprocess
 import sys
 import time
@@ -32,9 +30,12 @@ def ids(n: int) -> list[str]:
     return [f"warehouse-user-{i:09d}" for i in range(n)]
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 async def ours(base_url: str, n: int) -> float:
@@ -67,10 +68,13 @@ async def bare(base_url: str, n: int) -> float:
 
 
 def child(kind: str, base_url: str, n: int) -> None:
-    before = rss()
+    """Peak RSS growth, read as VmHWM after a reset (ru_maxrss would include the parent's)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = status_kib("VmRSS")
     seconds = asyncio.run((ours if kind == "ours" else bare)(base_url, n))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "growth": peak - before}))
+    peak = status_kib("VmHWM")
+    print(json.dumps({"seconds": seconds, "growth": (peak - before) * 1024}))
 
 
 def run_child(kind: str, base_url: str, n: int) -> dict[str, float]:
