@@ -59,7 +59,7 @@ def main() -> None:
     elif task == "test":
         run(str(BIN / "ruff"), "check", "amp_cohorts_async", "tests", "benchmarks", "examples",
             "dev.py")
-        run(str(BIN / "mypy"), "amp_cohorts_async", "tests/typing")
+        run(str(BIN / "mypy"), "amp_cohorts_async", "tests/typing", "benchmarks", "examples")
         run(str(BIN / "pytest"), "-q", *sys.argv[2:])
     else:
         for script in ("scheduler.py", "download.py", "upload.py"):

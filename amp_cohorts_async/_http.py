@@ -59,9 +59,9 @@ class Credentials:
     __str__ = __repr__
 
 
-def default_http_client(max_connections: int, transport: httpx.AsyncBaseTransport | None) -> (
-    httpx.AsyncClient
-):
+def default_http_client(
+    max_connections: int, transport: httpx.AsyncBaseTransport | None
+) -> httpx.AsyncClient:
     """The client a CohortsClient owns when none is borrowed.
 
     The pool is sized to the concurrency limit (plus room for S3 transfers, which hold no

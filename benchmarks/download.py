@@ -31,7 +31,7 @@ import httpx
 import amp_cohorts_async as amp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _server import API_KEY, SECRET_KEY, fake_server
+from _common import API_KEY, SECRET_KEY, fake_server, reset_peak_rss, status_kib
 
 PROPS_200 = "city,plan,p1,p2,p3"
 PROPS_400 = "city,plan," + ",".join(f"p{i}" for i in range(1, 16))
@@ -91,14 +91,6 @@ async def bare_httpx(url: str) -> float:
         return time.perf_counter() - started
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def rss_child(base_url: str, request_id: str, dest: str) -> None:
     """Run in a fresh process: peak RSS growth of one download, as JSON (bytes).
 
@@ -110,11 +102,10 @@ def rss_child(base_url: str, request_id: str, dest: str) -> None:
     async def run() -> None:
         async with amp.CohortsClient(API_KEY, SECRET_KEY, base_url=base_url) as client:
             await client.get_usage()  # connections, threads and imports warmed up
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")  # reset the peak-RSS high-water mark
-            before = _status_kib("VmRSS")
+            reset_peak_rss()
+            before = status_kib("VmRSS")
             await client.download_file(request_id, dest)
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         print(json.dumps({"growth": max(0, peak - before) * 1024}))
 
     asyncio.run(run())
@@ -132,17 +123,17 @@ async def members_rate(path: pathlib.Path) -> tuple[float, float, float, int]:
     """Rows per second: iter_members, a bare csv.reader loop, a csv.DictReader loop."""
     started = time.perf_counter()
     rows = 0
-    async for _row in amp.iter_members(path):
+    async for _member in amp.iter_members(path):
         rows += 1
     ours_seconds = time.perf_counter() - started
     started = time.perf_counter()
     with open(path, newline="") as handle:
-        for _row in csv.reader(handle):
+        for _fields in csv.reader(handle):
             pass
     bare_seconds = time.perf_counter() - started
     started = time.perf_counter()
     with open(path, newline="") as handle:
-        for _row in csv.DictReader(handle):
+        for _record in csv.DictReader(handle):
             pass
     dict_seconds = time.perf_counter() - started
     return rows / ours_seconds, rows / bare_seconds, rows / dict_seconds, rows

@@ -21,21 +21,13 @@ import httpx
 import amp_cohorts_async as amp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _server import API_KEY, SECRET_KEY, fake_server
+from _common import API_KEY, SECRET_KEY, fake_server, reset_peak_rss, status_kib
 
 CHUNK = 100_000
 
 
 def ids(n: int) -> list[str]:
     return [f"warehouse-user-{i:09d}" for i in range(n)]
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 async def ours(base_url: str, n: int) -> float:
@@ -69,8 +61,7 @@ async def bare(base_url: str, n: int) -> float:
 
 def child(kind: str, base_url: str, n: int) -> None:
     """Peak RSS growth, read as VmHWM after a reset (ru_maxrss would include the parent's)."""
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
+    reset_peak_rss()
     before = status_kib("VmRSS")
     seconds = asyncio.run((ours if kind == "ours" else bare)(base_url, n))
     peak = status_kib("VmHWM")

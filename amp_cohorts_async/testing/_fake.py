@@ -225,7 +225,7 @@ class FakeAmplitude:
         self.cohorts[cohort_id] = cohort
         return cohort
 
-    def inject(self, endpoint: str, kind: FaultKind = "status", *, times: int = 1,
+    def inject(self, endpoint: Endpoint, kind: FaultKind = "status", *, times: int = 1,
                status: int = 500, retry_after: float | None = None, after_bytes: int = 0,
                delay: float = 0.0) -> None:
         """Make the next ``times`` calls of ``endpoint`` misbehave.

@@ -1,4 +1,4 @@
-"""Start FakeAmplitude as a separate process (so its memory and CPU are not the client's)."""
+"""Shared by the benchmarks: the emulator in its own process, and peak-RSS readings."""
 
 from __future__ import annotations
 
@@ -29,3 +29,18 @@ def fake_server(*cohorts: str, extra: tuple[str, ...] = ()) -> Iterator[str]:
 
 API_KEY = "test-api-key"
 SECRET_KEY = "test-secret-key"
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field (VmRSS, VmHWM) in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM: ru_maxrss would include the parent's size (kept across fork and exec)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
