@@ -75,7 +75,8 @@ async def download_cohorts(
             continue
         if not entry.request_is_fresh(now):
             continue  # older than the export's validity: this run makes a fresh export
-        if entry.file and entry.sha256 and entry.request_id:
+        # Only the name this batch would write: a journal edited by hand cannot point outside.
+        if entry.file == safe_filename(cohort_id) and entry.sha256 and entry.request_id:
             path = directory / entry.file
             if path.is_file() and await anyio.to_thread.run_sync(_sha256_of, path) == entry.sha256:
                 finished[cohort_id] = DownloadResult(
