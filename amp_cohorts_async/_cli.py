@@ -153,7 +153,9 @@ async def _count_members(path: pathlib.Path) -> int:
 
 
 async def _summary(outcomes: list[CohortOutcome], started: float, out: IO[str],
-                   as_json: bool) -> None:
+                   as_json: bool, durations: dict[str, float] | None = None) -> None:
+    """The closing table: cohort, members, size, sha256 prefix, seconds, file (or error)."""
+    durations = durations or {}
     rows = []
     for outcome in outcomes:
         result = outcome.result
@@ -161,29 +163,34 @@ async def _summary(outcomes: list[CohortOutcome], started: float, out: IO[str],
         rows.append((outcome, members))
     if as_json:
         _print_json([{"cohort_id": o.cohort_id, "members": m, "result": o.result,
-                      "error": o.error} for o, m in rows], out)
+                      "error": o.error, "seconds": durations.get(o.cohort_id)}
+                     for o, m in rows], out)
         return
     elapsed = time.monotonic() - started
     if _is_tty(out):
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("cohort", "members", "size", "sha256", "file / error",
+        table = Table("cohort", "members", "size", "sha256", "time", "file / error",
                       title=f"{len(outcomes)} cohorts in {elapsed:.1f}s")
         for outcome, members in rows:
             r = outcome.result
+            took = durations.get(outcome.cohort_id)
+            seconds = f"{took:.1f}s" if took is not None else ""
             if r is not None:
                 table.add_row(outcome.cohort_id, f"{members:,}", human_bytes(r.size_bytes),
-                              r.sha256[:12], str(r.path))
+                              r.sha256[:12], seconds, str(r.path))
             else:
-                table.add_row(outcome.cohort_id, "", "", "", f"[red]{outcome.error}[/]")
+                table.add_row(outcome.cohort_id, "", "", "", seconds, f"[red]{outcome.error}[/]")
         Console(file=out).print(table)
     else:
         for outcome, members in rows:
             r = outcome.result
+            took = durations.get(outcome.cohort_id)
+            seconds = f"{took:.1f}s" if took is not None else "-"
             if r is not None:
                 out.write(f"{outcome.cohort_id}\t{members}\t{r.size_bytes}\t{r.sha256[:12]}"
-                          f"\t{r.path}\n")
+                          f"\t{seconds}\t{r.path}\n")
             else:
                 out.write(f"{outcome.cohort_id}\tFAILED\t{outcome.error}\n")
         out.write(f"{len(outcomes)} cohorts in {elapsed:.1f}s\n")
@@ -213,7 +220,7 @@ async def cmd_download(client: CohortsClient, args: argparse.Namespace, out: IO[
             targets, str(directory), props=props, prop_keys=tuple(args.prop_key),
             on_progress=view, resume=args.resume,
         )
-    await _summary(outcomes, started, out, args.json)
+    await _summary(outcomes, started, out, args.json, view.durations())
     if not args.json:
         out.write(f"files are in {await directory.resolve()}\n")
     return 0 if all(o.ok for o in outcomes) else 1

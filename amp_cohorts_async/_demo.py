@@ -66,7 +66,8 @@ async def run_demo(output: pathlib.Path, out: IO[str]) -> int:
                     outcomes = await client.download_cohorts(
                         cohorts, output, props=True, on_progress=view, resume=False
                     )
-                await _summary(outcomes, started, out, as_json=False)
+                await _summary(outcomes, started, out, as_json=False,
+                               durations=view.durations())
         rate_limited = sum(1 for e in fake.log if e.status == 429)
         out.write(f"files are in {await anyio.Path(output).resolve()}\n"
                   f"{fake.cohort_requests} cohort requests, {rate_limited} answered 429, "

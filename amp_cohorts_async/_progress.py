@@ -66,6 +66,11 @@ class ProgressView:
         elif announce:
             print(f"{event.cohort_id}: {self.describe(line)}", file=self.stream, flush=True)
 
+    def durations(self) -> dict[str, float]:
+        """Seconds from queued to done (or failed), per finished cohort."""
+        return {c: line.finished - line.started for c, line in self.lines.items()
+                if line.finished is not None}
+
     def describe(self, line: _Line) -> str:
         now = time.monotonic()
         if line.phase == "waiting" and line.wait_until is not None:

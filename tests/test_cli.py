@@ -70,6 +70,7 @@ async def test_download_ids_and_all(served: tuple[FakeAmplitude, str], tmp_path:
     assert [s["cohort_id"] for s in summary] == ["large", "small"] or [
         s["cohort_id"] for s in summary] == ["small", "large"]
     assert {s["members"] for s in summary} == {25, 20_000}
+    assert all(s["seconds"] > 0 for s in summary)
 
 
 async def test_request_status_fetch(served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
