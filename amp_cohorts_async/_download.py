@@ -10,6 +10,7 @@ resumes with a Range request where the bytes so far are intact.
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -62,6 +63,8 @@ def resolve_target(dest: str | PathLike[str], cohort_id: str | None) -> pathlib.
     path = pathlib.Path(dest)
     if str(dest) == "":
         raise InvalidRequestError("dest must not be empty")
+    if str(dest).endswith(("/", os.sep)) and not path.is_dir():
+        raise InvalidRequestError(f"dest names a directory that does not exist: {dest}")
     if path.is_dir():
         if cohort_id is None:
             raise InvalidRequestError(f"dest {path} is a directory; pass a file path")

@@ -354,7 +354,7 @@ async def test_download_over_real_sockets(fake: FakeAmplitude, tmp_path: pathlib
     assert all("authorization" not in e.headers for e in s3)
 
 
-@pytest.mark.parametrize("bad", ["", 3, None])
+@pytest.mark.parametrize("bad", ["", 3, None, "no-such-dir/"])
 async def test_bad_destinations(client: amp.CohortsClient, fake: FakeAmplitude, bad: Any) -> None:
     with pytest.raises(amp.InvalidRequestError):
         await client.download_cohort("small", bad)
