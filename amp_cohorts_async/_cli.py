@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import pathlib
@@ -96,24 +97,13 @@ def read_ids(source: str, column: str | None) -> list[str]:
             handle = open(source, encoding="utf-8-sig", newline="")  # noqa: SIM115
         except OSError as exc:
             raise InvalidRequestError(f"cannot read {source}: {exc.strerror}") from None
-    with handle if source != "-" else _noop(handle):
+    with handle if source != "-" else contextlib.nullcontext(handle):
         if column is None:
             return [line.strip() for line in handle if line.strip()]
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or column not in reader.fieldnames:
             raise InvalidRequestError(f"{source} has no column {column!r}")
         return [row[column].strip() for row in reader if row[column] and row[column].strip()]
-
-
-class _noop:
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __enter__(self) -> Any:
-        return self.value
-
-    def __exit__(self, *_exc: object) -> None:
-        return None
 
 
 # -- commands ---------------------------------------------------------------------------------

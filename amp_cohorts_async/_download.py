@@ -33,7 +33,7 @@ from ._models import CohortRequest, DownloadResult, Phase, ProgressEvent
 from ._redact import redact_url
 from ._retry import backoff
 from ._scheduler import RequestKind
-from ._validate import path_segment, require_text
+from ._validate import path_segment
 
 if TYPE_CHECKING:
     from ._client import CohortsClient
@@ -121,7 +121,6 @@ class Downloader:
         request: CohortRequest | None = None,
         on_requested: Callable[[CohortRequest], Awaitable[None]] | None = None,
     ) -> DownloadResult:
-        require_text(cohort_id, "cohort_id")
         path_segment(cohort_id, "cohort_id")
         self.client._export_params(props, prop_keys)
         target = resolve_target(dest, cohort_id)

@@ -59,7 +59,6 @@ class AtomicWriter:
         self.size_bytes = 0  # decoded, on disk
         self._hash = hashlib.sha256()
         self._gunzip: Any = None
-        self.encoding: str | None = None
 
     # -- thread-side work -------------------------------------------------------------------
     def _write_chunks(self, chunks: list[bytes], gunzip: Any) -> None:
@@ -127,7 +126,6 @@ class AtomicWriter:
 
     def start_representation(self, encoding: str | None) -> None:
         """A fresh body begins (status 200): decode it as ``encoding``."""
-        self.encoding = encoding
         if encoding == "gzip":
             self._gunzip = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         elif encoding in (None, "identity"):

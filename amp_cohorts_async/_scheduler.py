@@ -78,7 +78,6 @@ class Outcome(enum.Enum):
 class Ticket:
     """Handed to the holder of an exchange permit, who reports what happened."""
 
-    kind: RequestKind
     outcome: Outcome = Outcome.UNKNOWN
     answered_at: float | None = None
 
@@ -338,7 +337,7 @@ class Scheduler:
         self, kind: RequestKind, *, on_wait: WaitCallback | None = None
     ) -> AsyncIterator[Ticket]:
         """Hold a permit for one HTTP exchange with the Amplitude host."""
-        ticket = Ticket(kind)
+        ticket = Ticket()
         month = None
         if kind is RequestKind.COHORT_REQUEST:
             month = await self._admit_cohort_request(on_wait)

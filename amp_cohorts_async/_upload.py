@@ -7,6 +7,7 @@ applied raises PartialWriteError saying exactly what was and was not applied.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -170,13 +171,12 @@ class Uploader:
         applied = 0
         lock = self._cohort_lock(existing_cohort_id) if existing_cohort_id else None
         try:
-            async with _maybe(lock):
+            async with lock if lock is not None else contextlib.nullcontext():
                 for index, chunk in enumerate(chunks):
                     if index == 0 or skip_save:
                         data = await self._post("/api/3/cohorts/upload", upload_body(chunk),
                                                 "upload_cohort")
                         wire = structure(data, UploadWire, what="upload_cohort")
-                        cohort_id = cohort_id or wire.cohort_id
                         if index == 0:
                             cohort_id = wire.cohort_id
                         matched += wire.metadata.matched
@@ -319,17 +319,3 @@ class Uploader:
             requests_sent=len(requests),
         )
 
-
-class _maybe:
-    """``async with`` a lock if there is one."""
-
-    def __init__(self, lock: anyio.Lock | None) -> None:
-        self.lock = lock
-
-    async def __aenter__(self) -> None:
-        if self.lock is not None:
-            await self.lock.acquire()
-
-    async def __aexit__(self, *_exc: object) -> None:
-        if self.lock is not None:
-            self.lock.release()

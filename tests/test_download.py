@@ -8,6 +8,7 @@ import itertools
 import json
 import pathlib
 import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -323,17 +324,25 @@ async def test_resume_false_requests_again(
     assert fake.cohort_requests == 2
 
 
+class MovableClock:
+    """A wall clock a test moves forward (journal ages, calendar months)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
 @pytest.mark.looptime
 async def test_stale_request_ids_are_not_reused(
     fake: FakeAmplitude, tmp_path: pathlib.Path
 ) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    now = [datetime(2026, 3, 1, tzinfo=UTC)]
-    async with client_for(fake, wall_clock=lambda: now[0]) as client:
+    clock = MovableClock()
+    async with client_for(fake, wall_clock=clock) as client:
         with anyio.move_on_after(5):  # requested, not yet downloaded
             await client.download_cohorts(["small"], tmp_path)
-        now[0] += timedelta(days=6, minutes=1)
+        clock.now += timedelta(days=6, minutes=1)
         await client.download_cohorts(["small"], tmp_path)
     assert fake.cohort_requests == 2
 
@@ -413,14 +422,12 @@ async def test_faults_over_real_sockets(tmp_path: pathlib.Path, kind: Any, gzip:
 async def test_finished_files_older_than_the_ttl_are_exported_again(
     fake: FakeAmplitude, tmp_path: pathlib.Path
 ) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    now = [datetime(2026, 3, 1, tzinfo=UTC)]
-    async with client_for(fake, wall_clock=lambda: now[0]) as client:
+    clock = MovableClock()
+    async with client_for(fake, wall_clock=clock) as client:
         await client.download_cohorts(["small"], tmp_path)
-        now[0] += timedelta(days=5)
+        clock.now += timedelta(days=5)
         await client.download_cohorts(["small"], tmp_path)
         assert fake.cohort_requests == 1  # fresh enough: skipped
-        now[0] += timedelta(days=2)
+        clock.now += timedelta(days=2)
         await client.download_cohorts(["small"], tmp_path)
     assert fake.cohort_requests == 2
