@@ -1,147 +1,121 @@
-"""download_cohorts: fan out under the scheduler, one outcome per id, resumable by journal."""
+"""download_cohorts: plan from the journal -> check the quota -> fan out, one outcome per id."""
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
-from collections.abc import Callable, Iterable, Sequence
-from os import PathLike
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import anyio
 
+from ._api import Api
 from ._download import Downloader
-from ._exceptions import AmplitudeError, InvalidRequestError, NotFoundError, QuotaExceededError
+from ._events import Progress, ProgressCallback
+from ._exceptions import AmplitudeError, NotFoundError, QuotaExceededError
 from ._files import safe_filename
-from ._journal import Journal, journal_key, utc_now_iso
-from ._models import Cohort, CohortOutcome, CohortRequest, DownloadResult, ProgressEvent
-from ._validate import path_segment, text_sequence
-
-if TYPE_CHECKING:
-    from ._client import CohortsClient
+from ._journal import Journal, Plan, journal_key, utc_now_iso
+from ._models import CohortOutcome, CohortRequest, DownloadResult, ExportOptions
+from ._scheduler import Scheduler
 
 __all__ = ("download_cohorts",)
 
 
-def _sha256_of(path: pathlib.Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
 async def download_cohorts(
-    client: CohortsClient,
-    cohort_ids: Iterable[str | Cohort],
-    dest_dir: str | PathLike[str],
+    api: Api,
+    downloader: Downloader,
+    scheduler: Scheduler,
+    cohort_ids: Sequence[str],
+    sizes: dict[str, int],
+    directory: pathlib.Path,
+    export: ExportOptions,
+    on_progress: ProgressCallback | None,
     *,
-    props: bool,
-    prop_keys: Sequence[str],
-    on_progress: Callable[[ProgressEvent], None] | None,
     resume: bool,
 ) -> list[CohortOutcome]:
-    if isinstance(cohort_ids, str):
-        raise InvalidRequestError("cohort_ids must be an iterable of ids, not one string")
-    items = list(cohort_ids)
-    ids = [item.id if isinstance(item, Cohort) else item for item in items]
-    for cohort_id in ids:
-        path_segment(cohort_id, "cohort_id")
-    # Export time grows with cohort size: when sizes are known, start the largest first so the
-    # long jobs overlap the rate-limit waits instead of trailing at the end of the batch.
-    sizes = {item.id: item.size for item in items
-             if isinstance(item, Cohort) and item.size is not None}
-    client._export_params(props, prop_keys)
-    keys = text_sequence(prop_keys, "prop_keys")
-    directory = pathlib.Path(dest_dir)
-    if not await anyio.Path(directory).is_dir():
-        raise InvalidRequestError(f"dest_dir must be an existing directory: {directory}")
-    client._check_open()
-
+    """Arguments arrive validated; ``sizes`` (where known) order the largest exports first."""
     journal = Journal(directory)
     if resume:
         await journal.load()
-    unique = list(dict.fromkeys(ids))
-    downloader = Downloader(client, on_progress)
-    finished: dict[str, DownloadResult] = {}
-    reusable: dict[str, CohortRequest] = {}
-    now = client._scheduler.wall_clock()
-    for cohort_id in unique:
-        entry = journal.entries.get(journal_key(cohort_id, props, keys))
-        if entry is None:
-            continue
-        if not entry.request_is_fresh(now):
-            continue  # older than the export's validity: this run makes a fresh export
-        # Only the name this batch would write: a journal edited by hand cannot point outside.
-        if entry.file == safe_filename(cohort_id) and entry.sha256 and entry.request_id:
-            path = directory / entry.file
-            if path.is_file() and await anyio.to_thread.run_sync(_sha256_of, path) == entry.sha256:
-                finished[cohort_id] = DownloadResult(
-                    cohort_id=cohort_id, request_id=entry.request_id, path=path,
-                    size_bytes=path.stat().st_size, sha256=entry.sha256,
-                )
-                continue
-        if entry.request_id:
-            reusable[cohort_id] = CohortRequest(request_id=entry.request_id, cohort_id=cohort_id)
-
-    needed = sum(1 for c in unique if c not in finished and c not in reusable)
-    quota = client.limits.monthly_quota
-    if quota is not None and needed:
-        usage = await client.get_usage()
-        allowed = min(quota, usage.limit)
-        used = max(usage.usage, client._scheduler.quota_used())
-        if used + needed > allowed:
-            raise QuotaExceededError(
-                f"this batch needs {needed} cohort requests but only {max(0, allowed - used)} "
-                f"of {allowed} remain this month; nothing was requested"
-            )
+    unique = list(dict.fromkeys(cohort_ids))
+    plan = await journal.plan(unique, export, scheduler.wall_clock())
+    if plan.fresh:
+        await _check_quota(api, scheduler, len(plan.fresh))
 
     results: dict[str, CohortOutcome] = {
-        c: CohortOutcome(cohort_id=c, result=r) for c, r in finished.items()
+        c: CohortOutcome(cohort_id=c, result=r) for c, r in plan.finished.items()
     }
     for cohort_id in unique:
-        if cohort_id in finished:
-            downloader.emit(cohort_id, "done", bytes_done=finished[cohort_id].size_bytes,
-                            bytes_total=finished[cohort_id].size_bytes)
+        progress = Progress(on_progress, cohort_id)
+        if cohort_id in plan.finished:
+            size = plan.finished[cohort_id].size_bytes
+            progress.emit("done", bytes_done=size, bytes_total=size)
         else:
-            downloader.emit(cohort_id, "queued")
+            progress.emit("queued")
 
     async def one(cohort_id: str) -> None:
-        key = journal_key(cohort_id, props, keys)
-        target = directory / safe_filename(cohort_id)
-
-        async def record_request(request: CohortRequest) -> None:
-            await journal.update(
-                key, cohort_id=cohort_id, request_id=request.request_id,
-                requested_at=utc_now_iso(client._scheduler.wall_clock()),
-                file=None, sha256=None, size_bytes=None,
-            )
-
-        async def attempt(request: CohortRequest | None) -> DownloadResult:
-            return await downloader.download_cohort(
-                cohort_id, target, props=props, prop_keys=keys,
-                request=request, on_requested=record_request,
-            )
-
         try:
-            try:
-                result = await attempt(reusable.get(cohort_id))
-            except NotFoundError:
-                if cohort_id not in reusable:
-                    raise
-                result = await attempt(None)  # the old export is gone; pay for a fresh one
-            await journal.update(key, cohort_id=cohort_id, file=result.path.name,
-                                 size_bytes=result.size_bytes, sha256=result.sha256)
+            result = await _download_one(downloader, journal, scheduler, plan, cohort_id,
+                                         directory, export, Progress(on_progress, cohort_id))
             results[cohort_id] = CohortOutcome(cohort_id=cohort_id, result=result)
         except AmplitudeError as error:
             results[cohort_id] = CohortOutcome(cohort_id=cohort_id, error=error)
 
+    # Export time grows with cohort size: when sizes are known, start the largest first so the
+    # long jobs overlap the rate-limit waits instead of trailing at the end of the batch.
     order = sorted(unique, key=lambda c: -sizes.get(c, -1))  # stable: unknown sizes keep order
     async with anyio.create_task_group() as group:
         for cohort_id in order:
-            if cohort_id not in finished:
+            if cohort_id not in plan.finished:
                 group.start_soon(one, cohort_id)
-    return [results[c] for c in ids]
+    return [results[c] for c in cohort_ids]
+
+
+async def _check_quota(api: Api, scheduler: Scheduler, needed: int) -> None:
+    """Refuse the whole batch up front if its fresh exports would pass the monthly quota."""
+    quota = scheduler.limits.monthly_quota
+    if quota is None:
+        return
+    usage = await api.get_usage()
+    allowed = min(quota, usage.limit)
+    used = max(usage.usage, scheduler.quota_used())
+    if used + needed > allowed:
+        raise QuotaExceededError(
+            f"this batch needs {needed} cohort requests but only {max(0, allowed - used)} "
+            f"of {allowed} remain this month; nothing was requested"
+        )
+
+
+async def _download_one(
+    downloader: Downloader,
+    journal: Journal,
+    scheduler: Scheduler,
+    plan: Plan,
+    cohort_id: str,
+    directory: pathlib.Path,
+    export: ExportOptions,
+    progress: Progress,
+) -> DownloadResult:
+    key = journal_key(cohort_id, export)
+    target = directory / safe_filename(cohort_id)
+
+    async def record_request(request: CohortRequest) -> None:
+        await journal.update(
+            key, cohort_id=cohort_id, request_id=request.request_id,
+            requested_at=utc_now_iso(scheduler.wall_clock()),
+            file=None, sha256=None, size_bytes=None,
+        )
+
+    async def attempt(request: CohortRequest | None) -> DownloadResult:
+        return await downloader.download_cohort(
+            cohort_id, target, export, progress, request=request, on_requested=record_request
+        )
+
+    reusable = plan.reusable.get(cohort_id)
+    try:
+        result = await attempt(reusable)
+    except NotFoundError:
+        if reusable is None:
+            raise
+        result = await attempt(None)  # the old export is gone; pay for a fresh one
+    await journal.update(key, cohort_id=cohort_id, file=result.path.name,
+                         size_bytes=result.size_bytes, sha256=result.sha256)
+    return result

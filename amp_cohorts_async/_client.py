@@ -1,24 +1,31 @@
-"""CohortsClient: lifecycle, one coroutine per endpoint, and the download workflows."""
+"""CohortsClient: lifecycle, argument checks, and the public coroutines.
+
+Every public coroutine validates its arguments here, once, and delegates down: to the
+endpoint layer (``_api.py``), the download workflow (``_download.py``, ``_batch.py``) or the
+uploader (``_upload.py``). Nothing below this module knows the client.
+"""
 
 from __future__ import annotations
 
 import enum
 import os
+import pathlib
 import random
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from os import PathLike
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
-import httpx
 
+from ._api import Api
 from ._batch import download_cohorts
 from ._config import Limits, PollPolicy, RetryPolicy, resolve_base_url
-from ._convert import CohortList, structure
 from ._download import Downloader
+from ._events import Progress, ProgressCallback
 from ._exceptions import InvalidRequestError
+from ._files import resolve_target
 from ._http import Credentials, HttpBoundary, default_http_client
 from ._models import (
     Cohort,
@@ -27,19 +34,19 @@ from ._models import (
     DownloadResult,
     MembershipChange,
     MembershipResult,
-    ProgressEvent,
     RequestStatus,
     UploadResult,
     Usage,
 )
-from ._pipeline import Pipeline
-from ._scheduler import LimitsBackend, RequestKind, Scheduler
+from ._scheduler import LimitsBackend, Scheduler
+from ._send import Sender
 from ._upload import Uploader
-from ._validate import path_segment, require_bool, text_sequence
+from ._validate import export_options, require_bool, require_id
+
+if TYPE_CHECKING:  # annotations of the public signature only; httpx is used by _http.py
+    import httpx
 
 __all__ = ("CohortsClient",)
-
-ProgressCallback = Callable[[ProgressEvent], None]
 
 
 class _State(enum.Enum):
@@ -58,12 +65,58 @@ def _credential(value: str | None, env: str, name: str) -> str:
     return value
 
 
+def _progress_callback(value: Any) -> ProgressCallback | None:
+    if value is not None and not callable(value):
+        raise InvalidRequestError(f"on_progress must be a callable or None, got {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+def _cohort_items(value: Any) -> tuple[list[str], dict[str, int]]:
+    """Ids (validated) and the sizes that ``Cohort`` items carry."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidRequestError(
+            f"cohort_ids must be an iterable of ids or Cohort objects, got {type(value).__name__}"
+        )
+    ids: list[str] = []
+    sizes: dict[str, int] = {}
+    for position, item in enumerate(value):
+        if isinstance(item, Cohort):
+            cohort_id = require_id(item.id, f"cohort_ids[{position}].id")
+            if item.size is not None:
+                sizes[cohort_id] = item.size
+        else:
+            cohort_id = require_id(item, f"cohort_ids[{position}]")
+        ids.append(cohort_id)
+    return ids, sizes
+
+
 class CohortsClient:
     """Async client for Amplitude's Behavioral Cohorts API.
 
     Every request obeys ``limits`` (5 concurrent, exact cohort-request windows, monthly quota),
     retries as ``retry`` says and polls export jobs as ``poll`` says. Use it as an async
-    context manager, or call ``aclose()``. A borrowed ``http_client`` is never closed.
+    context manager, or call ``aclose()``.
+
+    Parameters:
+        api_key, secret_key: the project's keys; default: env ``AMPLITUDE_API_KEY`` /
+            ``AMPLITUDE_SECRET_KEY``. Never shown in ``repr``, errors or logs.
+        region: ``"us"`` (https://amplitude.com) or ``"eu"``
+            (https://analytics.eu.amplitude.com).
+        base_url: another origin (a proxy, the emulator); plain ``http://`` only for loopback
+            hosts. A path in it is kept as a prefix.
+        limits: Amplitude's limits to obey (``Limits()``: the documented ones).
+        retry: how 429s, 5xx and connection failures are retried (``RetryPolicy()``).
+        poll: how export jobs are polled and how long one may take (``PollPolicy()``).
+        http_client: an ``httpx.AsyncClient`` to borrow (never closed by us). Its ``auth``,
+            default headers and cookies are not sent: requests carry our credentials, and the
+            S3 download carries none.
+        transport: an ``httpx.AsyncBaseTransport`` for the client we own (tests,
+            ``FakeAmplitude.transport()``); not with ``http_client``.
+        limits_backend: where the shared limits state lives; default: in this process.
+        wall_clock: the clock (aware ``datetime``) that decides the quota month (UTC) and the
+            age of resume journal entries; default ``datetime.now(UTC)``. For replays and tests.
+        seed: seeds the random jitter of retries, polls and restarts after a pause, so a run
+            can be reproduced; default: unseeded.
     """
 
     def __init__(
@@ -86,8 +139,7 @@ class CohortsClient:
             _credential(api_key, "AMPLITUDE_API_KEY", "api_key"),
             _credential(secret_key, "AMPLITUDE_SECRET_KEY", "secret_key"),
         )
-        self._base_url = resolve_base_url(region, base_url)
-        self._region = region
+        base = resolve_base_url(region, base_url)
         for value, kind, name in (
             (limits, Limits, "limits"),
             (retry, RetryPolicy, "retry"),
@@ -97,6 +149,10 @@ class CohortsClient:
                 raise InvalidRequestError(f"{name} must be a {kind.__name__}")
         if http_client is not None and transport is not None:
             raise InvalidRequestError("pass either http_client or transport, not both")
+        if wall_clock is not None and not callable(wall_clock):
+            raise InvalidRequestError("wall_clock must be a callable returning a datetime")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidRequestError(f"seed must be an int or None, got {seed!r}")
         self.limits = limits or Limits()
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollPolicy()
@@ -104,26 +160,27 @@ class CohortsClient:
         self._http = http_client or default_http_client(
             self.limits.max_concurrent_requests, transport
         )
-        self._rng = random.Random(seed)
+        rng = random.Random(seed)
         self._scheduler = Scheduler(
             self.limits,
             backend=limits_backend,
             wall_clock=wall_clock or (lambda: datetime.now(UTC)),
-            rng=self._rng,
+            rng=rng,
         )
-        self._boundary = HttpBoundary(self._http, self._base_url, credentials)
-        self._pipeline = Pipeline(self._boundary, self._scheduler, self.retry, self._rng)
+        boundary = HttpBoundary(self._http, base, credentials)
+        self._api = Api(boundary, Sender(boundary, self._scheduler, self.retry, rng),
+                        self._scheduler)
+        self._downloader = Downloader(self._api, self._scheduler, self.poll, rng)
+        self._uploader = Uploader(self._api, self.limits)
+        self._base_url = base
         self._state = _State.UNOPENED
-        # Which cohort each request id we started belongs to, for DownloadResult.cohort_id.
-        self._request_cohorts: dict[str, str] = {}
-        # One lock per cohort being written: Amplitude refuses concurrent writes to one cohort.
-        self._cohort_locks: dict[str, anyio.Lock] = {}
 
     def __repr__(self) -> str:
-        return f"CohortsClient(base_url={str(self._base_url)!r}, state={self._state.value!r})"
+        return f"CohortsClient(base_url={self._base_url!r}, state={self._state.value!r})"
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
+        """Open the client (once); ``async with`` closes it on the way out."""
         if self._state is _State.OPENED:
             raise RuntimeError("CohortsClient is already open")
         if self._state is _State.CLOSED:
@@ -153,6 +210,7 @@ class CohortsClient:
 
     @property
     def scheduler(self) -> Scheduler:
+        """The scheduler that grants this client's permits (for inspection)."""
         return self._scheduler
 
     # -- endpoints --------------------------------------------------------------------------
@@ -160,85 +218,34 @@ class CohortsClient:
         """GET /api/3/cohorts: every discoverable cohort of the project."""
         require_bool(include_sync_info, "include_sync_info")
         self._check_open()
-        params = [("includeSyncInfo", "true")] if include_sync_info else []
-        data = await self._pipeline.call_json(
-            RequestKind.OTHER,
-            lambda: self._boundary.build("GET", "/api/3/cohorts", params=params),
-            what="list_cohorts",
-        )
-        return structure(data, CohortList, what="list_cohorts").cohorts
+        return await self._api.list_cohorts(include_sync_info)
 
     async def request_cohort(
         self, cohort_id: str, *, props: bool = False, prop_keys: Sequence[str] = ()
     ) -> CohortRequest:
         """GET /api/5/cohorts/request/{id}: start an export job. Costs one unit of quota."""
-        return await self._request_cohort(cohort_id, props=props, prop_keys=prop_keys)
-
-    async def _request_cohort(
-        self,
-        cohort_id: str,
-        *,
-        props: bool,
-        prop_keys: Sequence[str],
-        on_wait: Callable[[float], None] | None = None,
-    ) -> CohortRequest:
-        segment = path_segment(cohort_id, "cohort_id")
-        params = self._export_params(props, prop_keys)
+        cohort_id = require_id(cohort_id, "cohort_id")
+        export = export_options(props, prop_keys)
         self._check_open()
-        data = await self._pipeline.call_json(
-            RequestKind.COHORT_REQUEST,
-            lambda: self._boundary.build("GET", f"/api/5/cohorts/request/{segment}", params=params),
-            what="request_cohort",
-            on_wait=on_wait,
-        )
-        if isinstance(data, dict) and data.get("cohort_id") is None:
-            data = {**data, "cohort_id": cohort_id}
-        request = structure(data, CohortRequest, what="request_cohort")
-        self._request_cohorts[request.request_id] = cohort_id
-        return request
-
-    @staticmethod
-    def _export_params(props: bool, prop_keys: Sequence[str]) -> list[tuple[str, str]]:
-        require_bool(props, "props")
-        keys = text_sequence(prop_keys, "prop_keys")
-        if keys and not props:
-            raise InvalidRequestError("prop_keys needs props=True")
-        params = [("props", "1")] if props else []
-        params.extend(("propKeys", key) for key in keys)
-        return params
+        return await self._api.request_cohort(cohort_id, export)
 
     async def get_request_status(self, request_id: str) -> RequestStatus:
         """GET /api/5/cohorts/request-status/{request_id}."""
-        return await self._get_request_status(request_id)
-
-    async def _get_request_status(
-        self, request_id: str, *, on_wait: Callable[[float], None] | None = None
-    ) -> RequestStatus:
-        segment = path_segment(request_id, "request_id")
+        request_id = require_id(request_id, "request_id")
         self._check_open()
-        data = await self._pipeline.call_json(
-            RequestKind.POLL,
-            lambda: self._boundary.build("GET", f"/api/5/cohorts/request-status/{segment}"),
-            what="get_request_status",
-            on_wait=on_wait,
-        )
-        return structure(data, RequestStatus, what="get_request_status")
+        return await self._api.get_request_status(request_id)
 
     async def get_usage(self) -> Usage:
         """GET /api/3/cohorts/usage: this month's cohort-request usage and limit."""
         self._check_open()
-        data = await self._pipeline.call_json(
-            RequestKind.OTHER,
-            lambda: self._boundary.build("GET", "/api/3/cohorts/usage"),
-            what="get_usage",
-        )
-        usage = structure(data, Usage, what="get_usage")
-        self._scheduler.record_usage(usage.usage)
-        return usage
+        return await self._api.get_usage()
 
     async def download_file(self, request_id: str, dest: str | PathLike[str]) -> DownloadResult:
         """GET /api/5/cohorts/request/{request_id}/file, streamed atomically to ``dest``."""
-        return await Downloader(self).download_file(request_id, dest)
+        request_id = require_id(request_id, "request_id")
+        target = resolve_target(dest, None)
+        self._check_open()
+        return await self._downloader.download_file(request_id, target)
 
     async def upload_cohort(
         self,
@@ -254,8 +261,13 @@ class CohortsClient:
         skip_invalid_ids: bool = True,
         existing_cohort_id: str | None = None,
     ) -> UploadResult:
-        """POST /api/3/cohorts/upload, split into chunks of ``max_ids_per_request``."""
-        return await Uploader(self).upload_cohort(
+        """POST /api/3/cohorts/upload, split into chunks of ``max_ids_per_request``.
+
+        ``id_type`` is an ``IdType`` (or its value); ``ids`` any iterable or async iterable of
+        strings, de-duplicated in first-seen order. A failure after some chunks were applied
+        raises ``PartialWriteError`` saying what was applied and what is pending.
+        """
+        return await self._uploader.upload_cohort(
             name=name,
             app_id=app_id,
             id_type=id_type,
@@ -266,6 +278,7 @@ class CohortsClient:
             skip_save=skip_save,
             skip_invalid_ids=skip_invalid_ids,
             existing_cohort_id=existing_cohort_id,
+            check_open=self._check_open,
         )
 
     async def update_membership(
@@ -277,8 +290,9 @@ class CohortsClient:
         skip_invalid_ids: bool = True,
     ) -> MembershipResult:
         """POST /api/3/cohorts/membership, each change split into chunks as needed."""
-        return await Uploader(self).update_membership(
-            cohort_id, memberships, count_group=count_group, skip_invalid_ids=skip_invalid_ids
+        return await self._uploader.update_membership(
+            cohort_id, memberships, count_group=count_group, skip_invalid_ids=skip_invalid_ids,
+            check_open=self._check_open,
         )
 
     # -- workflows ------------------------------------------------------------------------
@@ -292,9 +306,12 @@ class CohortsClient:
         on_progress: ProgressCallback | None = None,
     ) -> DownloadResult:
         """Request, poll and download one cohort to ``dest`` (a file, or a directory)."""
-        return await Downloader(self, on_progress).download_cohort(
-            cohort_id, dest, props=props, prop_keys=prop_keys
-        )
+        cohort_id = require_id(cohort_id, "cohort_id")
+        export = export_options(props, prop_keys)
+        progress = Progress(_progress_callback(on_progress), cohort_id)
+        target = resolve_target(dest, cohort_id)
+        self._check_open()
+        return await self._downloader.download_cohort(cohort_id, target, export, progress)
 
     async def download_cohorts(
         self,
@@ -317,12 +334,17 @@ class CohortsClient:
         of spending quota again. Older entries are ignored. ``resume=False`` makes fresh
         exports of everything.
         """
+        ids, sizes = _cohort_items(cohort_ids)
+        export = export_options(props, prop_keys)
+        callback = _progress_callback(on_progress)
+        require_bool(resume, "resume")
+        if not isinstance(dest_dir, str | PathLike) or not os.fspath(dest_dir):
+            raise InvalidRequestError(f"dest_dir must be a path, got {dest_dir!r}")
+        directory = pathlib.Path(dest_dir)
+        if not await anyio.Path(directory).is_dir():
+            raise InvalidRequestError(f"dest_dir must be an existing directory: {directory}")
+        self._check_open()
         return await download_cohorts(
-            self,
-            cohort_ids,
-            dest_dir,
-            props=props,
-            prop_keys=prop_keys,
-            on_progress=on_progress,
-            resume=resume,
+            self._api, self._downloader, self._scheduler, ids, sizes, directory, export,
+            callback, resume=resume,
         )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
-import httpx
 
 from ._exceptions import InvalidRequestError
 
@@ -19,12 +20,23 @@ REGIONS: dict[str, str] = {
 }
 
 
+def _number(attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{attribute.name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"{attribute.name} must be finite, got {value!r}")
+
+
 def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and not value > 0:
+    if value is None:
+        return
+    _number(attribute, value)
+    if not value > 0:
         raise InvalidRequestError(f"{attribute.name} must be > 0, got {value!r}")
 
 
 def _non_negative(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    _number(attribute, value)
     if not value >= 0:
         raise InvalidRequestError(f"{attribute.name} must be >= 0, got {value!r}")
 
@@ -110,22 +122,41 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def resolve_base_url(region: str, base_url: str | None) -> httpx.URL:
-    """The Amplitude origin to talk to; plain http only for loopback hosts."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    return _is_loopback(host)
+
+
+def resolve_base_url(region: Any, base_url: Any) -> str:
+    """The Amplitude origin to talk to, as ``scheme://host[:port][/path]``.
+
+    Plain http is accepted only for loopback hosts; the port must be a valid TCP port.
+    """
     if base_url is None:
-        if region not in REGIONS:
+        if not isinstance(region, str) or region not in REGIONS:
             raise InvalidRequestError(
                 f"unknown region {region!r}; expected one of {', '.join(sorted(REGIONS))}"
             )
-        return httpx.URL(REGIONS[region])
+        return REGIONS[region]
+    if not isinstance(base_url, str):
+        raise InvalidRequestError(f"base_url must be a string, got {type(base_url).__name__}")
+    if len(base_url) > 2048 or any(ord(c) < 0x21 or ord(c) == 0x7F for c in base_url):
+        raise InvalidRequestError("base_url must be a URL without spaces or control characters")
     try:
-        url = httpx.URL(base_url)
-    except (httpx.InvalidURL, TypeError) as exc:
+        parts = urlsplit(base_url)
+        host = parts.hostname
+        port = parts.port  # ValueError when out of 0-65535 or not a number
+    except ValueError as exc:
         raise InvalidRequestError(f"invalid base_url: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.host:
+    if parts.scheme not in ("http", "https") or not host:
         raise InvalidRequestError("base_url must be an absolute http(s) URL")
-    if url.scheme == "http" and not _is_loopback(url.host):
+    if port == 0:
+        raise InvalidRequestError("invalid base_url: port 0")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidRequestError("base_url must not carry credentials; pass api_key/secret_key")
+    if parts.scheme == "http" and not _is_loopback(host):
         raise InvalidRequestError(
             "plain http:// base_url is only accepted for loopback hosts; use https://"
         )
-    return url.copy_with(query=None, fragment=None)
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))

@@ -5,6 +5,8 @@ AmplitudeError                      base of everything raised
 ├── InvalidRequestError (also ValueError)   bad input caught before any request is sent
 ├── TransportError                  connection / timeout failures after retries
 ├── APIStatusError                  .status_code .type .message .metadata .response
+│   │                               (.message: the server's message as sent; str() adds
+│   │                                the status and the request line)
 │   ├── AuthenticationError         401 / 403
 │   ├── NotFoundError               404
 │   ├── RateLimitError              429  (.retry_after: float | None)
@@ -17,7 +19,8 @@ AmplitudeError                      base of everything raised
 ```
 
 Errors are raised from ``_http.py`` (the HTTP boundary) and the workflow modules; no
-``httpx`` or ``cattrs`` exception ever reaches a caller.
+``httpx`` or ``cattrs`` exception ever reaches a caller. The retry loop (``_send.py``) sets
+``attempts`` on the error it gives up with, and ``str()`` says how many were made.
 """
 
 from __future__ import annotations
@@ -45,7 +48,23 @@ __all__ = (
 
 
 class AmplitudeError(Exception):
-    """Base class of every error this library raises."""
+    """Base class of every error this library raises.
+
+    ``attempts`` is how many attempts the request made before this error was raised (set by
+    the retry loop; ``None`` when no request was retried).
+    """
+
+    attempts: int | None = None
+
+    def describe(self) -> str:
+        """The message without the attempt count."""
+        return super().__str__()
+
+    def __str__(self) -> str:
+        text = self.describe()
+        if self.attempts is not None and self.attempts > 1:
+            text += f" (after {self.attempts} attempts)"
+        return text
 
 
 class InvalidRequestError(AmplitudeError, ValueError):
@@ -53,7 +72,15 @@ class InvalidRequestError(AmplitudeError, ValueError):
 
 
 class TransportError(AmplitudeError):
-    """The connection failed or timed out, after the retries allowed."""
+    """The connection failed or timed out, after the retries allowed.
+
+    ``never_sent`` is true when the failure came before a byte of the request left this
+    machine (connection refused, pool timeout): the server cannot have acted on it.
+    """
+
+    def __init__(self, message: str, *, never_sent: bool = False) -> None:
+        super().__init__(message)
+        self.never_sent = never_sent
 
 
 class APIStatusError(AmplitudeError):
@@ -67,6 +94,7 @@ class APIStatusError(AmplitudeError):
         type: str | None = None,
         metadata: Any = None,
         response: httpx.Response | None = None,
+        request_line: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -74,10 +102,13 @@ class APIStatusError(AmplitudeError):
         self.type = type
         self.metadata = metadata
         self.response = response
+        #: ``"GET https://host/path"`` of the refused request, query string redacted.
+        self.request_line = request_line
 
-    def __str__(self) -> str:
+    def describe(self) -> str:
         kind = f" {self.type}" if self.type else ""
-        return f"HTTP {self.status_code}{kind}: {self.message}"
+        where = f" ({self.request_line})" if self.request_line else ""
+        return f"HTTP {self.status_code}{kind}: {self.message}{where}"
 
 
 class AuthenticationError(APIStatusError):
@@ -140,3 +171,14 @@ class PartialWriteError(AmplitudeError):
         self.total_chunks = total_chunks
         self.applied_ids = applied_ids
         self.pending_ids = pending_ids
+
+
+# -- internal signals between the transfer and the retry loop (never reach a caller) ----------
+
+
+class LinkExpiredError(DownloadError):
+    """S3 refused the presigned URL (it lives one minute): ask /file for a fresh one at once."""
+
+
+class IncompleteBodyError(TransportError):
+    """The body ended before its length said it would; retried like a dropped connection."""

@@ -14,13 +14,14 @@ import re
 import secrets
 import zlib
 from collections.abc import AsyncIterator, Callable
+from os import PathLike
 from typing import IO, Any
 
 import anyio
 
-from ._exceptions import DownloadError
+from ._exceptions import DownloadError, InvalidRequestError
 
-__all__ = ("AtomicWriter", "safe_filename")
+__all__ = ("AtomicWriter", "resolve_target", "safe_filename")
 
 BATCH_BYTES = 4 << 20  # per worker-thread call: few GIL hand-offs, memory bounded at ~4 batches
 
@@ -39,6 +40,25 @@ def safe_filename(cohort_id: str, suffix: str = ".csv") -> str:
     if cleaned != cohort_id or not cleaned:
         cleaned = f"{cleaned}-{hashlib.sha256(cohort_id.encode()).hexdigest()[:10]}"
     return cleaned + suffix
+
+
+def resolve_target(dest: Any, cohort_id: str | None) -> pathlib.Path:
+    """``dest`` itself, or ``dest/<safe cohort id>.csv`` when ``dest`` is a directory."""
+    if not isinstance(dest, str | PathLike):
+        raise InvalidRequestError(f"dest must be a path, got {type(dest).__name__}")
+    text = os.fspath(dest)
+    if not isinstance(text, str) or text == "":
+        raise InvalidRequestError("dest must be a non-empty text path")
+    path = pathlib.Path(text)
+    if text.endswith(("/", os.sep)) and not path.is_dir():
+        raise InvalidRequestError(f"dest names a directory that does not exist: {text}")
+    if path.is_dir():
+        if cohort_id is None:
+            raise InvalidRequestError(f"dest {path} is a directory; pass a file path")
+        return path / safe_filename(cohort_id)
+    if not path.parent.is_dir():
+        raise InvalidRequestError(f"the directory of dest does not exist: {path.parent}")
+    return path
 
 
 def _open_temp(path: pathlib.Path) -> IO[bytes]:

@@ -11,7 +11,7 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -20,6 +20,7 @@ import httpx
 from ._exceptions import (
     APIStatusError,
     AuthenticationError,
+    DownloadError,
     InvalidRequestError,
     NotFoundError,
     RateLimitError,
@@ -32,14 +33,19 @@ from ._redact import install_log_redaction, redact, redact_url
 __all__ = (
     "Credentials",
     "HttpBoundary",
+    "Request",
+    "Response",
     "default_http_client",
-    "never_sent",
+    "parse_json",
     "parse_retry_after",
 )
 
 logger = logging.getLogger("amp_cohorts_async")
 
 QueryParams = Sequence[tuple[str, str]]
+# The request and response types the layers above handle without importing httpx.
+Request = httpx.Request
+Response = httpx.Response
 
 
 @attrs.frozen(repr=False)
@@ -84,22 +90,17 @@ def default_http_client(
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
-class _TransportError(TransportError):
-    def __init__(self, message: str, *, not_sent: bool) -> None:
-        super().__init__(message)
-        self.not_sent = not_sent
-
-
-def never_sent(error: TransportError) -> bool:
-    """Whether ``error`` happened before a byte of the request left (connect, pool)."""
-    return isinstance(error, _TransportError) and error.not_sent
+def _request_line(request: httpx.Request) -> str:
+    return f"{request.method} {redact_url(request.url)}"
 
 
 def translate_transport_error(exc: httpx.HTTPError, request: httpx.Request) -> TransportError:
+    """The library's TransportError for an httpx failure; the only place that maps them."""
     kind = type(exc).__name__
     detail = redact(str(exc)) or kind
-    where = f"{request.method} {redact_url(request.url)}"
-    return _TransportError(f"{kind} on {where}: {detail}", not_sent=isinstance(exc, _NOT_SENT))
+    return TransportError(
+        f"{kind} on {_request_line(request)}: {detail}", never_sent=isinstance(exc, _NOT_SENT)
+    )
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -126,7 +127,7 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, Any]:
     """(message, type, metadata) from Amplitude's ``{"error": {...}}`` body, if it has one."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         return None, None, None
     if not isinstance(data, dict):
         return None, None, None
@@ -154,31 +155,30 @@ def status_error(response: httpx.Response, body: bytes) -> APIStatusError:
             text = text.split("<Message>", 1)[1].split("</Message>", 1)[0]
         message = text[:300] or response.reason_phrase or "no message"
     message = redact(message)
-    where = f"{response.request.method} {redact_url(response.request.url)}"
     fields: dict[str, Any] = {
         "status_code": response.status_code,
         "type": kind,
         "metadata": metadata,
         "response": response,
+        "request_line": _request_line(response.request),
     }
-    text = f"{message} ({where})"
     code = response.status_code
     if code == 429:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        return RateLimitError(text, retry_after=retry_after, **fields)
+        return RateLimitError(message, retry_after=retry_after, **fields)
     if code in (401, 403):
-        return AuthenticationError(text, **fields)
+        return AuthenticationError(message, **fields)
     if code == 404:
-        return NotFoundError(text, **fields)
+        return NotFoundError(message, **fields)
     if code >= 500:
-        return ServerError(text, **fields)
-    return APIStatusError(text, **fields)
+        return ServerError(message, **fields)
+    return APIStatusError(message, **fields)
 
 
 def parse_json(response: httpx.Response, body: bytes, *, what: str) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         snippet = body[:80].decode("utf-8", "replace")
         raise ResponseValidationError(
             f"unexpected {what} response body: $: not JSON (HTTP {response.status_code}, "
@@ -187,14 +187,17 @@ def parse_json(response: httpx.Response, body: bytes, *, what: str) -> Any:
 
 
 class HttpBoundary:
-    """Builds authenticated requests to the Amplitude origin and sends them."""
+    """One httpx exchange at a time, with the library's errors; the only user of httpx.
 
-    def __init__(
-        self, http: httpx.AsyncClient, base_url: httpx.URL, credentials: Credentials
-    ) -> None:
+    Requests to the Amplitude origin carry our Basic credentials and nothing of a borrowed
+    client's own ``auth``; requests to a presigned URL carry no credentials, no default
+    headers and no cookies of the client at all.
+    """
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str, credentials: Credentials) -> None:
         install_log_redaction()
         self.http = http
-        self.base_url = base_url
+        self.base_url = httpx.URL(base_url)
         self._authorization = credentials.authorization()
 
     def __repr__(self) -> str:
@@ -207,33 +210,50 @@ class HttpBoundary:
         *,
         params: QueryParams = (),
         json_body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Request:
-        url = self.base_url.join(path)
+        """A request to ``path`` under the base URL (whose own path, if any, is a prefix)."""
+        url = self.base_url.join(path.lstrip("/"))
         if params:
             url = url.copy_with(params=httpx.QueryParams(list(params)))
-        headers = {"Authorization": self._authorization, "Accept": "application/json"}
+        merged = {"Accept": "application/json", **(headers or {})}
+        merged["Authorization"] = self._authorization
+        content = None
         if json_body is not None:
             content = json.dumps(json_body, separators=(",", ":")).encode()
-            headers["Content-Type"] = "application/json"
-            return self.http.build_request(method, url, headers=headers, content=content)
-        return self.http.build_request(method, url, headers=headers)
-
-    def build_external(self, url: str, headers: Mapping[str, str] | None = None) -> httpx.Request:
-        """A request to a presigned URL: no Authorization, whatever the borrowed client sets."""
+            merged["Content-Type"] = "application/json"
         try:
-            request = self.http.build_request("GET", url, headers=dict(headers or {}))
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol, TypeError) as exc:
-            raise InvalidRequestError(f"invalid download URL: {redact(str(exc))}") from None
-        request.headers.pop("Authorization", None)
-        # A presigned URL answers with the stored object; ask for it unchanged so Range works.
-        request.headers["Accept-Encoding"] = "identity"
-        return request
+            return self.http.build_request(method, url, headers=merged, content=content)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise InvalidRequestError(f"cannot build the request: {redact(str(exc))}") from None
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send and return the response with its body unread (the caller closes it)."""
+        """Send to the Amplitude origin; the response body is left unread (caller closes it)."""
         logger.debug("%s %s", request.method, redact_url(request.url))
         try:
-            return await self.http.send(request, stream=True, follow_redirects=False)
+            # auth=None: our Authorization header stands, whatever auth a borrowed client has.
+            return await self.http.send(request, stream=True, follow_redirects=False, auth=None)
+        except httpx.HTTPError as exc:
+            raise translate_transport_error(exc, request) from None
+
+    async def send_external(
+        self, url: str, headers: Mapping[str, str] | None = None
+    ) -> httpx.Response:
+        """GET a presigned URL with only ``headers``: no auth, client headers or cookies.
+
+        The request is built directly rather than through the client, so nothing the client
+        carries (default headers, cookies, ``auth=``) can ride along; S3 answers a request with
+        two auth mechanisms with 400.
+        """
+        try:
+            request = httpx.Request("GET", url, headers=dict(headers or {}))
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, TypeError, ValueError) as exc:
+            raise DownloadError(f"invalid download URL: {redact(str(exc))}") from None
+        # A presigned URL answers with the stored object; ask for it unchanged so Range works.
+        request.headers["Accept-Encoding"] = "identity"
+        logger.debug("GET %s", redact_url(request.url))
+        try:
+            return await self.http.send(request, stream=True, follow_redirects=False, auth=None)
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, request) from None
 
@@ -242,6 +262,28 @@ class HttpBoundary:
             return await response.aread()
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response.request) from None
+
+    async def iter_raw(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        """The body as it arrives on the wire (not decoded), with httpx errors mapped."""
+        if response.is_stream_consumed:
+            # A mock transport handed over a read (and decoded) body: pass it on as one piece.
+            yield response.content
+            return
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise translate_transport_error(exc, response.request) from None
+
+    def redirect_location(self, response: httpx.Response) -> str:
+        """The absolute URL a redirect points to; a missing or unusable one is a DownloadError."""
+        location = response.headers.get("Location")
+        if not location:
+            raise DownloadError(f"HTTP {response.status_code} redirect without a Location")
+        try:
+            return str(response.url.join(location))
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise DownloadError(f"unusable redirect Location: {redact(str(exc))}") from None
 
     async def raise_for_status(self, response: httpx.Response) -> None:
         """Raise the mapped error for a 4xx/5xx response (reading its body first)."""
@@ -252,3 +294,8 @@ class HttpBoundary:
         except httpx.HTTPError:
             body = b""
         raise status_error(response, body)
+
+
+def is_preloaded(response: httpx.Response) -> bool:
+    """Whether a mock transport already read (and decoded) the body."""
+    return response.is_stream_consumed

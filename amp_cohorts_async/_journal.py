@@ -6,16 +6,29 @@ once the file is in place its name, size and sha256. It is rewritten atomically 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 import attrs
 
-__all__ = ("JOURNAL_NAME", "JOURNAL_REQUEST_TTL", "Journal", "JournalEntry")
+from ._files import safe_filename
+from ._models import CohortRequest, DownloadResult, ExportOptions
+
+__all__ = (
+    "JOURNAL_NAME",
+    "JOURNAL_REQUEST_TTL",
+    "Journal",
+    "JournalEntry",
+    "Plan",
+    "journal_key",
+    "utc_now_iso",
+)
 
 JOURNAL_NAME = ".amp-cohorts-journal.json"
 # Amplitude keeps /file valid for 7 days; a day of margin covers clock skew and long polls.
@@ -41,14 +54,35 @@ class JournalEntry:
         return timedelta(0) <= now - when < JOURNAL_REQUEST_TTL
 
 
-def journal_key(cohort_id: str, props: bool, prop_keys: tuple[str, ...]) -> str:
-    if not props:
+def journal_key(cohort_id: str, export: ExportOptions) -> str:
+    if not export.props:
         return cohort_id
-    return json.dumps([cohort_id, True, sorted(prop_keys)], separators=(",", ":"))
+    return json.dumps([cohort_id, True, sorted(export.prop_keys)], separators=(",", ":"))
+
+
+@attrs.frozen
+class Plan:
+    """What a batch must do per cohort: nothing (finished), fetch (reusable), or export."""
+
+    finished: dict[str, DownloadResult]
+    reusable: dict[str, CohortRequest]
+    fresh: list[str]
+
+
+def _sha256_of(path: pathlib.Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 class Journal:
     def __init__(self, directory: pathlib.Path) -> None:
+        self.directory = directory
         self.path = directory / JOURNAL_NAME
         self.entries: dict[str, JournalEntry] = {}
         self._lock = anyio.Lock()
@@ -68,6 +102,36 @@ class Journal:
             if isinstance(value, dict) and isinstance(value.get("cohort_id"), str):
                 fields = {f.name for f in attrs.fields(JournalEntry)}
                 self.entries[key] = JournalEntry(**{k: v for k, v in value.items() if k in fields})
+
+    async def plan(
+        self, cohort_ids: Sequence[str], export: ExportOptions, now: datetime
+    ) -> Plan:
+        """Sort ``cohort_ids`` by what the loaded entries allow.
+
+        Finished: the entry's file is the one this batch would write and its sha256 matches
+        (verified now). Reusable: an export request younger than 6 days, fetched from /file at
+        no quota. Fresh: everything else. Older entries are ignored.
+        """
+        finished: dict[str, DownloadResult] = {}
+        reusable: dict[str, CohortRequest] = {}
+        fresh: list[str] = []
+        for cohort_id in cohort_ids:
+            entry = self.entries.get(journal_key(cohort_id, export))
+            if entry is None or not entry.request_is_fresh(now):
+                fresh.append(cohort_id)
+                continue
+            assert entry.request_id is not None  # request_is_fresh says so
+            # Only the name this batch would write: a journal edited by hand cannot point outside.
+            if entry.file == safe_filename(cohort_id) and entry.sha256:
+                path = self.directory / entry.file
+                if await anyio.to_thread.run_sync(_sha256_of, path) == entry.sha256:
+                    finished[cohort_id] = DownloadResult(
+                        cohort_id=cohort_id, request_id=entry.request_id, path=path,
+                        size_bytes=(await anyio.Path(path).stat()).st_size, sha256=entry.sha256,
+                    )
+                    continue
+            reusable[cohort_id] = CohortRequest(request_id=entry.request_id, cohort_id=cohort_id)
+        return Plan(finished=finished, reusable=reusable, fresh=fresh)
 
     async def update(self, key: str, **changes: Any) -> None:
         async with self._lock:

@@ -213,6 +213,19 @@ class MembershipResult:
     requests_sent: int = 1
 
 
+@attrs.frozen
+class ExportOptions:
+    """What an export includes (validated by ``_validate.export_options``); internal."""
+
+    props: bool = False
+    prop_keys: tuple[str, ...] = ()
+
+    def query(self) -> list[tuple[str, str]]:
+        params = [("props", "1")] if self.props else []
+        params.extend(("propKeys", key) for key in self.prop_keys)
+        return params
+
+
 Phase = Literal["queued", "requested", "polling", "waiting", "downloading", "done", "failed"]
 
 

@@ -1,6 +1,6 @@
 """Retry policy as a pure decision: given an error and the attempt number, wait how long?
 
-The loop that sleeps lives in ``_pipeline.py``; this module only decides.
+The loop that sleeps lives in ``_send.py``; this module only decides.
 """
 
 from __future__ import annotations
@@ -8,7 +8,13 @@ from __future__ import annotations
 import random
 
 from ._config import RetryPolicy
-from ._exceptions import AmplitudeError, RateLimitError, ServerError, TransportError
+from ._exceptions import (
+    AmplitudeError,
+    LinkExpiredError,
+    RateLimitError,
+    ServerError,
+    TransportError,
+)
 
 __all__ = ("backoff", "decide")
 
@@ -24,11 +30,14 @@ def decide(
 ) -> float | None:
     """Seconds to wait before attempt ``attempt + 1``, or None to give up and raise ``error``.
 
-    Retried: 429 (after Retry-After, capped at ``max_retry_after``), 5xx and transport errors.
+    Retried: 429 (after Retry-After, capped at ``max_retry_after``), 5xx and transport errors,
+    and at once an expired presigned link (a fresh one is one ``/file`` call away).
     Never retried: any other 4xx, validation errors, quota errors.
     """
     if attempt >= policy.max_attempts:
         return None
+    if isinstance(error, LinkExpiredError):
+        return 0.0
     if isinstance(error, RateLimitError):
         if error.retry_after is not None:
             return min(error.retry_after, policy.max_retry_after)

@@ -76,9 +76,13 @@ class Outcome(enum.Enum):
 
 @attrs.define
 class Ticket:
-    """Handed to the holder of an exchange permit, who reports what happened."""
+    """Handed to the holder of an exchange permit, who reports what happened.
 
-    outcome: Outcome = Outcome.UNKNOWN
+    Until the permit is granted the outcome is NOT_SENT (a request cancelled while it waits
+    never left); once granted it is UNKNOWN until the holder reports better.
+    """
+
+    outcome: Outcome = Outcome.NOT_SENT
     answered_at: float | None = None
 
     def answered(self, at: float, outcome: Outcome) -> None:
@@ -348,6 +352,7 @@ class Scheduler:
                 if self.paused_until <= anyio.current_time():
                     break
                 self.gate.release()  # a 429 paused everyone while we queued
+            ticket.outcome = Outcome.UNKNOWN  # granted: from here on the server may see it
             try:
                 yield ticket
             finally:

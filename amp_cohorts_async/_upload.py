@@ -8,12 +8,14 @@ applied raises PartialWriteError saying exactly what was and was not applied.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import anyio
+import attrs
 
-from ._convert import MembershipWire, UploadWire, structure
+from ._api import Api
+from ._config import Limits
 from ._exceptions import AmplitudeError, InvalidRequestError, PartialWriteError
 from ._models import (
     IdType,
@@ -25,13 +27,9 @@ from ._models import (
     UploadResult,
     coerce_enum,
 )
-from ._scheduler import RequestKind
 from ._validate import require_bool, require_text
 
-if TYPE_CHECKING:
-    from ._client import CohortsClient
-
-__all__ = ("Uploader", "chunked", "collect_ids")
+__all__ = ("Uploader", "collect_ids", "pack")
 
 _ID_TYPE_FOR_MEMBERSHIP = {
     IdType.BY_AMP_ID: MembershipIdType.BY_ID,
@@ -90,49 +88,120 @@ async def collect_ids(
     return _dedupe(ids, limit)
 
 
-def chunked(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
-
-
 def _optional_text(value: Any, name: str) -> str | None:
     return None if value is None else require_text(value, name)
 
 
+@attrs.frozen
+class Chunk:
+    """One request's ids: pieces of the input changes, as (change index, ids), in order."""
+
+    pieces: list[tuple[int, Sequence[str]]]
+
+    @property
+    def size(self) -> int:
+        return sum(len(ids) for _, ids in self.pieces)
+
+
+def pack(changes: Sequence[Sequence[str]], limit: int) -> list[Chunk]:
+    """Consecutive pieces of ``changes`` packed into chunks of at most ``limit`` ids, in order."""
+    chunks = [Chunk([])]
+    room = limit
+    for index, ids in enumerate(changes):
+        start = 0
+        while start < len(ids):
+            if room == 0:
+                chunks.append(Chunk([]))
+                room = limit
+            piece = ids[start : start + room]
+            chunks[-1].pieces.append((index, piece))
+            room -= len(piece)
+            start += len(piece)
+    return chunks
+
+
+async def _apply_in_order(
+    chunks: Sequence[Chunk],
+    send: Callable[[Chunk], Awaitable[None]],
+    *,
+    lock: anyio.Lock | None,
+    changes: int,
+    what: str,
+    cohort_id: Callable[[], str | None],
+) -> None:
+    """Send ``chunks`` one after another under ``lock``; a failure after the first applied
+    chunk is a PartialWriteError saying what was applied and what is pending, per change."""
+    applied = applied_ids = 0
+    try:
+        async with lock if lock is not None else contextlib.nullcontext():
+            for chunk in chunks:
+                await send(chunk)
+                applied += 1
+                applied_ids += chunk.size
+    except AmplitudeError as error:
+        if applied == 0:
+            raise
+        pending: list[list[str]] = [[] for _ in range(changes)]
+        for chunk in chunks[applied:]:
+            for index, ids in chunk.pieces:
+                pending[index].extend(ids)
+        total_ids = applied_ids + sum(map(len, pending))
+        raise PartialWriteError(
+            f"{what} stopped after {applied} of {len(chunks)} requests "
+            f"({applied_ids:,} of {total_ids:,} ids applied to cohort {cohort_id()}): {error}",
+            cohort_id=cohort_id(), applied_chunks=applied, total_chunks=len(chunks),
+            applied_ids=applied_ids, pending_ids=pending,
+        ) from error
+
+
+def _membership_body(
+    cohort_id: str,
+    pieces: Sequence[tuple[Sequence[str], MembershipIdType, Operation]],
+    count_group: str | None,
+    skip_invalid_ids: bool,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "cohort_id": cohort_id,
+        "memberships": [
+            {"ids": list(ids), "id_type": id_type.value, "operation": operation.value}
+            for ids, id_type, operation in pieces
+        ],
+        "skip_invalid_ids": skip_invalid_ids,
+    }
+    if count_group is not None:
+        body["count_group"] = count_group
+    return body
+
+
 class Uploader:
-    def __init__(self, client: CohortsClient) -> None:
-        self.client = client
-        self.boundary = client._boundary
-        self.pipeline = client._pipeline
-        self.limits = client.limits
+    """Uploads and membership changes through the endpoint layer; one writer per cohort."""
+
+    def __init__(self, api: Api, limits: Limits) -> None:
+        self.api = api
+        self.limits = limits
+        # One lock per cohort being written: Amplitude refuses concurrent writes to one cohort.
+        self._locks: dict[str, anyio.Lock] = {}
 
     def _cohort_lock(self, cohort_id: str) -> anyio.Lock:
-        locks = self.client._cohort_locks
-        if cohort_id not in locks:
-            locks[cohort_id] = anyio.Lock()
-        return locks[cohort_id]
-
-    async def _post(self, path: str, body: dict[str, Any], what: str) -> Any:
-        return await self.pipeline.call_json(
-            RequestKind.OTHER,
-            lambda: self.boundary.build("POST", path, json_body=body),
-            what=what,
-        )
+        if cohort_id not in self._locks:
+            self._locks[cohort_id] = anyio.Lock()
+        return self._locks[cohort_id]
 
     # -- upload -----------------------------------------------------------------------------
     async def upload_cohort(
         self,
         *,
-        name: str,
-        app_id: int,
+        name: Any,
+        app_id: Any,
         id_type: Any,
-        ids: Iterable[str] | AsyncIterable[str],
-        owner: str,
-        published: bool,
-        cg: str | None,
-        skip_save: bool,
-        skip_invalid_ids: bool,
-        existing_cohort_id: str | None,
+        ids: Any,
+        owner: Any,
+        published: Any,
+        cg: Any,
+        skip_save: Any,
+        skip_invalid_ids: Any,
+        existing_cohort_id: Any,
+        check_open: Callable[[], None],
     ) -> UploadResult:
         """Upload ``ids``: the first chunk to /upload, the rest as membership ADDs.
 
@@ -149,9 +218,9 @@ class Uploader:
         require_bool(skip_invalid_ids, "skip_invalid_ids")
         cg = _optional_text(cg, "cg")
         existing_cohort_id = _optional_text(existing_cohort_id, "existing_cohort_id")
-        self.client._check_open()
+        check_open()
         unique, duplicates = await collect_ids(ids, self.limits.max_cohort_size)
-        chunks = list(chunked(unique, self.limits.max_ids_per_request))
+        chunks = pack([unique], self.limits.max_ids_per_request)
 
         def upload_body(chunk: Sequence[str]) -> dict[str, Any]:
             body: dict[str, Any] = {
@@ -165,49 +234,36 @@ class Uploader:
                 body["existing_cohort_id"] = existing_cohort_id
             return body
 
-        matched = totals = applied_ids = 0
+        cohort_id: str | None = None  # known once the first /upload answers
+        matched = totals = 0
         invalid: list[str] = []
-        cohort_id: str | None = existing_cohort_id
-        applied = 0
-        lock = self._cohort_lock(existing_cohort_id) if existing_cohort_id else None
-        try:
-            async with lock if lock is not None else contextlib.nullcontext():
-                for index, chunk in enumerate(chunks):
-                    if index == 0 or skip_save:
-                        data = await self._post("/api/3/cohorts/upload", upload_body(chunk),
-                                                "upload_cohort")
-                        wire = structure(data, UploadWire, what="upload_cohort")
-                        if index == 0:
-                            cohort_id = wire.cohort_id
-                        matched += wire.metadata.matched
-                        totals += wire.metadata.totals
-                        invalid.extend(wire.metadata.invalid_ids_sample)
-                    else:
-                        assert cohort_id is not None
-                        body = self._membership_body(
-                            cohort_id,
-                            [(chunk, _ID_TYPE_FOR_MEMBERSHIP[kind], Operation.ADD)],
-                            cg, skip_invalid_ids,
-                        )
-                        data = await self._post("/api/3/cohorts/membership", body,
-                                                "update_membership")
-                        wire_m = structure(data, MembershipWire, what="update_membership")
-                        skipped = [s for r in wire_m.memberships_result for s in r.skipped_ids]
-                        matched += len(chunk) - len(skipped)
-                        totals += len(chunk)
-                        invalid.extend(skipped)
-                    applied += 1
-                    applied_ids += len(chunk)
-        except AmplitudeError as error:
-            if applied == 0:
-                raise
-            pending = [id_ for chunk in chunks[applied:] for id_ in chunk]
-            raise PartialWriteError(
-                f"upload stopped after {applied} of {len(chunks)} chunks "
-                f"({applied_ids:,} of {len(unique):,} ids applied to cohort {cohort_id}): {error}",
-                cohort_id=cohort_id, applied_chunks=applied, total_chunks=len(chunks),
-                applied_ids=applied_ids, pending_ids=[pending],
-            ) from error
+
+        async def send(chunk: Chunk) -> None:
+            nonlocal cohort_id, matched, totals
+            ((_, ids),) = chunk.pieces
+            if cohort_id is None or skip_save:
+                wire = await self.api.upload(upload_body(ids))
+                if cohort_id is None:
+                    cohort_id = wire.cohort_id
+                matched += wire.metadata.matched
+                totals += wire.metadata.totals
+                invalid.extend(wire.metadata.invalid_ids_sample)
+                return
+            body = _membership_body(
+                cohort_id, [(ids, _ID_TYPE_FOR_MEMBERSHIP[kind], Operation.ADD)],
+                cg, skip_invalid_ids,
+            )
+            membership = await self.api.membership(body)
+            skipped = [s for r in membership.memberships_result for s in r.skipped_ids]
+            matched += len(ids) - len(skipped)
+            totals += len(ids)
+            invalid.extend(skipped)
+
+        await _apply_in_order(
+            chunks, send,
+            lock=self._cohort_lock(existing_cohort_id) if existing_cohort_id else None,
+            changes=1, what="upload", cohort_id=lambda: cohort_id or existing_cohort_id,
+        )
         assert cohort_id is not None
         return UploadResult(
             cohort_id=cohort_id, matched=matched, totals=totals,
@@ -215,33 +271,15 @@ class Uploader:
             requests_sent=len(chunks),
         )
 
-    @staticmethod
-    def _membership_body(
-        cohort_id: str,
-        pieces: Sequence[tuple[Sequence[str], MembershipIdType, Operation]],
-        count_group: str | None,
-        skip_invalid_ids: bool,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "cohort_id": cohort_id,
-            "memberships": [
-                {"ids": list(ids), "id_type": id_type.value, "operation": operation.value}
-                for ids, id_type, operation in pieces
-            ],
-            "skip_invalid_ids": skip_invalid_ids,
-        }
-        if count_group is not None:
-            body["count_group"] = count_group
-        return body
-
     # -- membership -------------------------------------------------------------------------
     async def update_membership(
         self,
-        cohort_id: str,
-        memberships: Sequence[MembershipChange],
+        cohort_id: Any,
+        memberships: Any,
         *,
-        count_group: str | None,
-        skip_invalid_ids: bool,
+        count_group: Any,
+        skip_invalid_ids: Any,
+        check_open: Callable[[], None],
     ) -> MembershipResult:
         require_text(cohort_id, "cohort_id")
         count_group = _optional_text(count_group, "count_group")
@@ -261,61 +299,31 @@ class Uploader:
             except InvalidRequestError as error:
                 raise InvalidRequestError(f"memberships[{position}]: {error}") from None
             changes.append((unique, change.id_type, change.operation))
-        self.client._check_open()
+        check_open()
 
-        # Pack consecutive pieces into requests of at most max_ids_per_request ids, in order.
-        limit = self.limits.max_ids_per_request
-        requests: list[list[tuple[int, Sequence[str]]]] = [[]]
-        room = limit
-        for index, (ids, _kind, _op) in enumerate(changes):
-            start = 0
-            while start < len(ids):
-                if room == 0:
-                    requests.append([])
-                    room = limit
-                piece = ids[start : start + room]
-                requests[-1].append((index, piece))
-                room -= len(piece)
-                start += len(piece)
-
+        chunks = pack([ids for ids, _, _ in changes], self.limits.max_ids_per_request)
         skipped: list[list[str]] = [[] for _ in changes]
-        applied = applied_ids = 0
-        try:
-            async with self._cohort_lock(cohort_id):
-                for request in requests:
-                    body = self._membership_body(
-                        cohort_id,
-                        [(piece, changes[i][1], changes[i][2]) for i, piece in request],
-                        count_group, skip_invalid_ids,
-                    )
-                    data = await self._post("/api/3/cohorts/membership", body,
-                                            "update_membership")
-                    wire = structure(data, MembershipWire, what="update_membership")
-                    for (index, _piece), outcome in zip(
-                        request, wire.memberships_result, strict=False
-                    ):
-                        skipped[index].extend(outcome.skipped_ids)
-                    applied += 1
-                    applied_ids += sum(len(piece) for _, piece in request)
-        except AmplitudeError as error:
-            if applied == 0:
-                raise
-            pending: list[list[str]] = [[] for _ in changes]
-            for request in requests[applied:]:
-                for index, unsent in request:
-                    pending[index].extend(unsent)
-            raise PartialWriteError(
-                f"membership update stopped after {applied} of {len(requests)} requests "
-                f"({applied_ids:,} ids applied to cohort {cohort_id}): {error}",
-                cohort_id=cohort_id, applied_chunks=applied, total_chunks=len(requests),
-                applied_ids=applied_ids, pending_ids=pending,
-            ) from error
+
+        async def send(chunk: Chunk) -> None:
+            body = _membership_body(
+                cohort_id,
+                [(piece, changes[i][1], changes[i][2]) for i, piece in chunk.pieces],
+                count_group, skip_invalid_ids,
+            )
+            wire = await self.api.membership(body)
+            for (index, _piece), outcome in zip(chunk.pieces, wire.memberships_result,
+                                                strict=False):
+                skipped[index].extend(outcome.skipped_ids)
+
+        await _apply_in_order(
+            chunks, send, lock=self._cohort_lock(cohort_id), changes=len(changes),
+            what="membership update", cohort_id=lambda: cohort_id,
+        )
         return MembershipResult(
             cohort_id=cohort_id,
             memberships_result=[
                 MembershipOutcome(skipped_ids=skipped[i], id_type=kind, operation=op)
                 for i, (_ids, kind, op) in enumerate(changes)
             ],
-            requests_sent=len(requests),
+            requests_sent=len(chunks),
         )
-

@@ -7,8 +7,19 @@ from typing import Any
 from urllib.parse import quote
 
 from ._exceptions import InvalidRequestError
+from ._models import ExportOptions
 
-__all__ = ("path_segment", "require_bool", "require_text", "text_sequence")
+__all__ = (
+    "export_options",
+    "path_segment",
+    "require_bool",
+    "require_id",
+    "require_text",
+    "text_sequence",
+)
+
+# Amplitude's ids are short; a longer one cannot be valid and would only make a URL too long.
+MAX_ID_LENGTH = 1024
 
 
 def require_text(value: Any, name: str) -> str:
@@ -25,12 +36,29 @@ def require_bool(value: Any, name: str) -> bool:
     return value
 
 
-def path_segment(value: Any, name: str) -> str:
-    """``value`` percent-encoded as exactly one path segment."""
+def require_id(value: Any, name: str) -> str:
+    """A cohort or request id: non-empty text that can travel as one path segment."""
     text = require_text(value, name)
     if text in (".", ".."):
         raise InvalidRequestError(f"{name} {text!r} is not a valid id")
+    if len(text) > MAX_ID_LENGTH:
+        raise InvalidRequestError(f"{name} is {len(text):,} characters; at most {MAX_ID_LENGTH}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise InvalidRequestError(f"{name} must not contain control characters")
+    return text
+
+
+def path_segment(text: str) -> str:
+    """A validated id percent-encoded as exactly one path segment."""
     return quote(text, safe="")
+
+
+def export_options(props: Any, prop_keys: Any) -> ExportOptions:
+    require_bool(props, "props")
+    keys = text_sequence(prop_keys, "prop_keys")
+    if keys and not props:
+        raise InvalidRequestError("prop_keys needs props=True")
+    return ExportOptions(props=props, prop_keys=keys)
 
 
 def text_sequence(value: Any, name: str) -> tuple[str, ...]:

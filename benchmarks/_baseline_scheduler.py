@@ -10,7 +10,16 @@ from collections.abc import Callable
 
 from aiolimiter import AsyncLimiter
 
+import amp_cohorts_async as amp
 from amp_cohorts_async._scheduler import Scheduler
+
+
+def use_scheduler(client: amp.CohortsClient, scheduler: Scheduler) -> None:
+    """Swap the scheduler every layer of ``client`` asks for permits (benchmark only)."""
+    client._scheduler = scheduler
+    client._api.scheduler = scheduler
+    client._api.sender.scheduler = scheduler
+    client._downloader.scheduler = scheduler
 
 
 class _VirtualTimeSafeLimiter(AsyncLimiter):

@@ -25,7 +25,7 @@ from amp_cohorts_async._scheduler import Scheduler
 from amp_cohorts_async.testing import FakeAmplitude, run_in_virtual_time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _baseline_scheduler import AiolimiterScheduler
+from _baseline_scheduler import AiolimiterScheduler, use_scheduler
 
 LIMITS = amp.Limits()
 
@@ -81,8 +81,7 @@ def run_once(n: int, seed: int, job: tuple[float, float], latency: tuple[float, 
         with tempfile.TemporaryDirectory() as directory:
             client = amp.CohortsClient(fake.api_key, fake.secret_key,
                                        transport=fake.transport(), poll=poll, seed=seed)
-            client._scheduler = make_scheduler(LIMITS, rng=random.Random(seed))
-            client._pipeline.scheduler = client._scheduler
+            use_scheduler(client, make_scheduler(LIMITS, rng=random.Random(seed)))
             async with client:
                 import anyio
 

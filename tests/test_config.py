@@ -1,3 +1,6 @@
+import base64
+import math
+
 import httpx
 import pytest
 
@@ -8,12 +11,28 @@ def make(**kwargs: object) -> amp.CohortsClient:
     return amp.CohortsClient("key", "secret", **kwargs)  # type: ignore[arg-type]
 
 
+async def first_request(*args: object, **kwargs: object) -> httpx.Request:
+    """The request a client built with these arguments sends for list_cohorts()."""
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"cohorts": []})
+
+    client = amp.CohortsClient(*args, transport=httpx.MockTransport(answer),  # type: ignore[arg-type]
+                               **kwargs)
+    async with client:
+        await client.list_cohorts()
+    return seen[0]
+
+
 @pytest.mark.parametrize(
     ("region", "expected"),
     [("us", "https://amplitude.com"), ("eu", "https://analytics.eu.amplitude.com")],
 )
-def test_regions(region: str, expected: str) -> None:
-    assert str(make(region=region)._base_url).rstrip("/") == expected
+async def test_regions(region: str, expected: str) -> None:
+    request = await first_request("key", "secret", region=region)
+    assert str(request.url) == expected + "/api/3/cohorts"
 
 
 def test_unknown_region() -> None:
@@ -24,25 +43,37 @@ def test_unknown_region() -> None:
 @pytest.mark.parametrize(
     "url", ["http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9", "https://proxy.corp"]
 )
-def test_base_url_accepted(url: str) -> None:
-    assert make(base_url=url)._base_url.host
+async def test_base_url_accepted(url: str) -> None:
+    request = await first_request("key", "secret", base_url=url)
+    assert str(request.url) == url + "/api/3/cohorts"
 
 
-@pytest.mark.parametrize("url", ["http://proxy.corp", "http://10.0.0.1", "ftp://x", "nope"])
+async def test_a_path_in_base_url_is_a_prefix() -> None:
+    request = await first_request("key", "secret", base_url="https://proxy.corp/amplitude")
+    assert str(request.url) == "https://proxy.corp/amplitude/api/3/cohorts"
+
+
+@pytest.mark.parametrize("url", [
+    "http://proxy.corp", "http://10.0.0.1", "ftp://x", "nope", "https://h:99999",
+    "https://h:0", "https://h:port", "https://user:pw@h", "https://h /x", "https://h\n",
+    "", 42,
+])
 def test_base_url_refused(url: str) -> None:
     with pytest.raises(amp.InvalidRequestError):
         make(base_url=url)
 
 
-def test_base_url_overrides_region() -> None:
-    assert make(region="eu", base_url="https://proxy.example")._base_url.host == "proxy.example"
+async def test_base_url_overrides_region() -> None:
+    request = await first_request("key", "secret", region="eu", base_url="https://proxy.example")
+    assert request.url.host == "proxy.example"
 
 
-def test_credentials_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_credentials_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AMPLITUDE_API_KEY", "env-key")
     monkeypatch.setenv("AMPLITUDE_SECRET_KEY", "env-secret")
-    client = amp.CohortsClient()
-    assert "Basic" in client._boundary._authorization
+    request = await first_request()
+    token = base64.b64encode(b"env-key:env-secret").decode()
+    assert request.headers["Authorization"] == f"Basic {token}"
 
 
 @pytest.mark.parametrize(("api_key", "secret"), [(None, "s"), ("k", None), ("", "s"), ("k", " ")])
@@ -71,6 +102,13 @@ def test_http_client_and_transport_are_exclusive() -> None:
         lambda: amp.PollPolicy(jitter=1.5),
         lambda: amp.Limits(monthly_quota=-1),
         lambda: amp.Limits(max_jobs_in_flight=True),
+        lambda: amp.RateWindow(1, math.inf),
+        lambda: amp.RateWindow(1, math.nan),
+        lambda: amp.RetryPolicy(max_retry_after="5"),
+        lambda: amp.RetryPolicy(initial_delay=math.nan),
+        lambda: amp.PollPolicy(deadline=math.inf),
+        lambda: amp.PollPolicy(multiplier="2"),
+        lambda: amp.Limits(cohort_requests=5),
     ],
 )
 def test_config_validation(build: object) -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import amp_cohorts_async as amp
-from amp_cohorts_async._upload import chunked
+from amp_cohorts_async._upload import pack
 from amp_cohorts_async.testing import FakeAmplitude
 
 BASE = {"name": "Warehouse", "app_id": 123, "owner": "data@example.com", "published": True}
@@ -107,7 +107,7 @@ async def test_failure_on_chunk_2_of_3_is_reported_precisely(fake: FakeAmplitude
     assert (error.applied_chunks, error.total_chunks, error.applied_ids) == (1, 3, 10)
     assert error.pending_ids == [ids[10:]]
     assert isinstance(error.__cause__, amp.ServerError)
-    assert "1 of 3 chunks" in str(error)
+    assert "1 of 3 requests" in str(error)
     assert "10 of 25 ids" in str(error)
     assert error.cohort_id is not None
     assert fake.member_ids(error.cohort_id) == set(ids[:10])
@@ -277,7 +277,7 @@ async def test_bad_membership_inputs_send_nothing(
 @given(total=st.integers(1, 1_000), size=st.integers(1, 300))
 def test_chunking_covers_everything_in_order_within_the_limit(total: int, size: int) -> None:
     values = [str(i) for i in range(total)]
-    chunks = list(chunked(values, size))
+    chunks = [[v for _, piece in chunk.pieces for v in piece] for chunk in pack([values], size)]
     assert [v for chunk in chunks for v in chunk] == values
     assert all(1 <= len(chunk) <= size for chunk in chunks)
     assert len(chunks) == -(-total // size)

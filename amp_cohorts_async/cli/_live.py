@@ -8,7 +8,7 @@ from typing import IO, Any
 
 import attrs
 
-from ._models import ProgressEvent
+from .._models import ProgressEvent
 
 __all__ = ("ProgressView", "human_bytes")
 

@@ -14,10 +14,12 @@ from typing import IO
 
 import anyio
 
-from ._client import CohortsClient
-from ._config import Limits, PollPolicy, RateWindow
-from ._models import Cohort
-from ._progress import ProgressView
+from .._client import CohortsClient
+from .._config import Limits, PollPolicy, RateWindow
+from .._models import Cohort
+from ..testing import FakeAmplitude
+from ._live import ProgressView
+from ._output import summary
 
 __all__ = ("DEMO_TIME_SCALE", "run_demo")
 
@@ -33,9 +35,6 @@ def demo_limits() -> Limits:
 
 
 async def run_demo(output: pathlib.Path, out: IO[str]) -> int:
-    from ._cli import _summary  # shared summary table
-    from .testing import FakeAmplitude
-
     limits = demo_limits()
     with FakeAmplitude(api_key="demo-key", secret_key="demo-secret", limits=limits,
                        job_duration=(1.0, 4.0), latency=(0.005, 0.03), seed=7) as fake:
@@ -66,7 +65,7 @@ async def run_demo(output: pathlib.Path, out: IO[str]) -> int:
                     outcomes = await client.download_cohorts(
                         cohorts, output, props=True, on_progress=view, resume=False
                     )
-                await _summary(outcomes, started, out, as_json=False,
+                await summary(outcomes, started, out, as_json=False,
                                durations=view.durations())
         rate_limited = sum(1 for e in fake.log if e.status == 429)
         out.write(f"files are in {await anyio.Path(output).resolve()}\n"

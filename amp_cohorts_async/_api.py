@@ -1,0 +1,115 @@
+"""The endpoint layer: one coroutine per Amplitude endpoint, typed models out.
+
+Arguments arrive validated (the public client checks them once); this layer only builds the
+request, sends it through the one send path and structures the answer. It never retries on
+its own and knows nothing of files, journals or progress events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from ._convert import CohortList, MembershipWire, UploadWire, structure
+from ._http import HttpBoundary, Response
+from ._models import Cohort, CohortRequest, ExportOptions, RequestStatus, Usage
+from ._scheduler import RequestKind, Scheduler, WaitCallback
+from ._send import Sender
+from ._validate import path_segment
+
+__all__ = ("Api",)
+
+T = TypeVar("T")
+
+
+class Api:
+    """Amplitude's Behavioral Cohorts endpoints over one ``Sender``."""
+
+    def __init__(
+        self,
+        boundary: HttpBoundary,
+        sender: Sender,
+        scheduler: Scheduler,
+        request_cohorts: dict[str, str] | None = None,
+    ) -> None:
+        self.boundary = boundary
+        self.sender = sender
+        self.scheduler = scheduler
+        # Which cohort each request id we started belongs to, for DownloadResult.cohort_id.
+        self._request_cohorts = {} if request_cohorts is None else request_cohorts
+
+    def observed(self, on_wait: WaitCallback | None) -> Api:
+        """The same endpoints, reporting every wait to ``on_wait`` (a progress observer)."""
+        return Api(self.boundary, self.sender.observed(on_wait), self.scheduler,
+                   self._request_cohorts)
+
+    def cohort_of(self, request_id: str) -> str | None:
+        return self._request_cohorts.get(request_id)
+
+    async def list_cohorts(self, include_sync_info: bool) -> list[Cohort]:
+        params = [("includeSyncInfo", "true")] if include_sync_info else []
+        data = await self.sender.call_json(
+            RequestKind.OTHER,
+            lambda: self.boundary.build("GET", "/api/3/cohorts", params=params),
+            what="list_cohorts",
+        )
+        return structure(data, CohortList, what="list_cohorts").cohorts
+
+    async def request_cohort(self, cohort_id: str, export: ExportOptions) -> CohortRequest:
+        """Start an export job; costs one unit of the monthly quota."""
+        path = f"/api/5/cohorts/request/{path_segment(cohort_id)}"
+        data = await self.sender.call_json(
+            RequestKind.COHORT_REQUEST,
+            lambda: self.boundary.build("GET", path, params=export.query()),
+            what="request_cohort",
+        )
+        if isinstance(data, dict) and data.get("cohort_id") is None:
+            data = {**data, "cohort_id": cohort_id}
+        request = structure(data, CohortRequest, what="request_cohort")
+        self._request_cohorts[request.request_id] = cohort_id
+        return request
+
+    async def get_request_status(self, request_id: str) -> RequestStatus:
+        path = f"/api/5/cohorts/request-status/{path_segment(request_id)}"
+        data = await self.sender.call_json(
+            RequestKind.POLL, lambda: self.boundary.build("GET", path), what="get_request_status"
+        )
+        return structure(data, RequestStatus, what="get_request_status")
+
+    async def get_usage(self) -> Usage:
+        data = await self.sender.call_json(
+            RequestKind.OTHER,
+            lambda: self.boundary.build("GET", "/api/3/cohorts/usage"),
+            what="get_usage",
+        )
+        usage = structure(data, Usage, what="get_usage")
+        self.scheduler.record_usage(usage.usage)
+        return usage
+
+    async def file_exchange(
+        self,
+        request_id: str,
+        headers: Mapping[str, str],
+        handle: Callable[[Response], Awaitable[T]],
+    ) -> T:
+        """ONE exchange with ``/file``: no retry here, the transfer's attempt is retried whole."""
+        path = f"/api/5/cohorts/request/{path_segment(request_id)}/file"
+        return await self.sender.exchange(
+            RequestKind.FILE, lambda: self.boundary.build("GET", path, headers=headers), handle
+        )
+
+    async def upload(self, body: Mapping[str, Any]) -> UploadWire:
+        return await self._post("/api/3/cohorts/upload", body, UploadWire, "upload_cohort")
+
+    async def membership(self, body: Mapping[str, Any]) -> MembershipWire:
+        return await self._post(
+            "/api/3/cohorts/membership", body, MembershipWire, "update_membership"
+        )
+
+    async def _post(self, path: str, body: Mapping[str, Any], wire: type[T], what: str) -> T:
+        data = await self.sender.call_json(
+            RequestKind.OTHER,
+            lambda: self.boundary.build("POST", path, json_body=body),
+            what=what,
+        )
+        return structure(data, wire, what=what)

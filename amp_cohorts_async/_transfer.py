@@ -1,0 +1,155 @@
+"""The transfer: the file of one export request, from ``/file`` (and S3) into an AtomicWriter.
+
+``/file`` is fetched without following redirects. An inline body is streamed while the
+Amplitude permit is held (it is an exchange with Amplitude); a 302 releases the permit and the
+presigned S3 URL is fetched at once, without credentials. One attempt is the ``/file``
+exchange plus the S3 GET it points to, and the send path's one retry loop retries attempts:
+an expired link at once (``/file`` is valid for 7 days and costs no quota, and hands out a
+fresh link), a broken transfer after a backoff, resuming with ``Range`` where the bytes so far
+are intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import re
+
+from ._api import Api
+from ._events import Progress
+from ._exceptions import (
+    DownloadError,
+    IncompleteBodyError,
+    LinkExpiredError,
+    ServerError,
+    TransportError,
+)
+from ._files import AtomicWriter
+from ._http import HttpBoundary, Response, is_preloaded, status_error
+from ._models import DownloadResult
+
+__all__ = ("fetch_file",)
+
+logger = logging.getLogger("amp_cohorts_async")
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_REDIRECTS = frozenset((301, 302, 303, 307, 308))
+
+
+async def fetch_file(
+    api: Api, request_id: str, target: pathlib.Path, progress: Progress
+) -> DownloadResult:
+    """Fetch the file of ``request_id`` into ``target`` atomically (nothing there on failure)."""
+    async with AtomicWriter(target) as writer:
+        transfer = _Transfer(api, writer, progress)
+        try:
+            await api.sender.retrying(
+                lambda: transfer.attempt(request_id), what=f"file of request {request_id}"
+            )
+        except (LinkExpiredError, TransportError, ServerError) as error:
+            failure = DownloadError(
+                f"could not fetch the file of request {request_id}: {error.describe()}"
+            )
+            failure.attempts = error.attempts
+            raise failure from error
+        sha256 = await writer.commit()
+    return DownloadResult(
+        cohort_id=progress.cohort_id,
+        request_id=request_id,
+        path=target,
+        size_bytes=writer.size_bytes,
+        sha256=sha256,
+    )
+
+
+class _Transfer:
+    def __init__(self, api: Api, writer: AtomicWriter, progress: Progress) -> None:
+        self.api = api
+        self.writer = writer
+        self.progress = progress
+
+    async def attempt(self, request_id: str) -> None:
+        """One attempt: ask ``/file``; follow its redirect to S3 at once."""
+        # We decode gzip ourselves (so a resumed transfer can go on decoding); nothing else.
+        headers = {"Accept-Encoding": "gzip", "Accept": "*/*", **self._range()}
+        location = await self.api.file_exchange(request_id, headers, self._receive)
+        if location is not None:
+            await self._fetch_presigned(location)
+
+    def _range(self) -> dict[str, str]:
+        return {"Range": f"bytes={self.writer.raw_bytes}-"} if self.writer.raw_bytes else {}
+
+    async def _receive(self, response: Response) -> str | None:
+        """Handle /file's answer: the Location of a redirect, or stream the inline body."""
+        if response.status_code in _REDIRECTS:
+            return self.api.boundary.redirect_location(response)
+        await self._stream_body(response)
+        return None
+
+    async def _fetch_presigned(self, url: str) -> None:
+        boundary = self.api.boundary
+        response = await boundary.send_external(url, self._range())
+        try:
+            if response.status_code >= 400:
+                error = status_error(response, await _error_body(boundary, response))
+                if response.status_code == 403:
+                    # Expired (or otherwise refused) link: /file hands out a fresh one.
+                    raise LinkExpiredError(f"presigned link refused: {error.message}")
+                if response.status_code < 500 and response.status_code != 408:
+                    raise DownloadError(f"S3 refused the download: {error}")
+                raise error
+            await self._stream_body(response)
+        finally:
+            await response.aclose()
+
+    async def _stream_body(self, response: Response) -> None:
+        """Append a 200/206 body to the writer; raise IncompleteBodyError if it ends short."""
+        writer = self.writer
+        encoding = response.headers.get("Content-Encoding", "").strip().lower() or None
+        preloaded = is_preloaded(response)
+        if preloaded:
+            encoding = None  # the mock transport decoded it already
+        if response.status_code == 206:
+            start, end, total = _content_range(response)
+            if start != writer.raw_bytes:
+                await writer.restart(encoding)
+                raise IncompleteBodyError("server resumed at the wrong offset; restarting")
+            expected: int | None = end - start + 1
+            bytes_total = total
+        elif response.status_code == 200:
+            if writer.raw_bytes:
+                await writer.restart(encoding)  # the server ignored Range: start over
+            else:
+                writer.start_representation(encoding)
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() and not preloaded else None
+            bytes_total = expected
+        else:
+            raise DownloadError(f"unexpected HTTP {response.status_code} for the cohort file")
+
+        def report() -> None:
+            self.progress.emit("downloading", bytes_done=writer.raw_bytes,
+                               bytes_total=bytes_total)
+
+        received = await writer.pump(self.api.boundary.iter_raw(response), report)
+        if expected is not None and received < expected:
+            raise IncompleteBodyError(f"body ended after {received} of {expected} bytes")
+        if expected is not None and received > expected:
+            await writer.restart(encoding)
+            raise IncompleteBodyError(f"body longer than Content-Length ({received} > {expected})")
+        report()
+
+
+async def _error_body(boundary: HttpBoundary, response: Response) -> bytes:
+    try:
+        return await boundary.read(response)
+    except TransportError:  # the error status is what matters; a broken error body is not
+        return b""
+
+
+def _content_range(response: Response) -> tuple[int, int, int | None]:
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+    if match is None:
+        raise DownloadError("206 answer without a valid Content-Range")
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), int(match.group(2)), total

@@ -1,0 +1,144 @@
+"""amp-cohorts: the command line (``python -m amp_cohorts_async`` too).
+
+Credentials come from AMPLITUDE_API_KEY / AMPLITUDE_SECRET_KEY. Expected failures print one
+line and exit non-zero (2 bad input, 3 auth, 4 not found, 5 quota or limits, 1 other); add
+--debug for a traceback. Ctrl-C stops cleanly: no partial file is left, and the journal lets
+``download --resume`` go on without spending quota again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import IO
+
+from .._client import CohortsClient
+from .._config import REGIONS, PollPolicy
+from .._exceptions import (
+    AmplitudeError,
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    QuotaExceededError,
+    RateLimitError,
+)
+from .._models import IdType, MembershipIdType
+from ._commands import COMMANDS
+from ._demo import run_demo
+
+__all__ = ("build_parser", "main")
+
+EXIT_CODES: tuple[tuple[type[AmplitudeError], int], ...] = (
+    (InvalidRequestError, 2),
+    (AuthenticationError, 3),
+    (NotFoundError, 4),
+    (QuotaExceededError, 5),
+    (RateLimitError, 5),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--region", choices=sorted(REGIONS), default="us")
+    common.add_argument("--base-url", help="Amplitude origin override (proxies, the emulator)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = argparse.ArgumentParser(prog="amp-cohorts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", parents=[common], help="list cohorts")
+    p.add_argument("--sync-info", action="store_true")
+    sub.add_parser("usage", parents=[common], help="this month's cohort-request usage")
+
+    p = sub.add_parser("download", parents=[common], help="request, poll and download cohorts")
+    p.add_argument("cohort_ids", nargs="*", metavar="COHORT_ID")
+    p.add_argument("--all", action="store_true", help="every cohort list shows")
+    p.add_argument("-o", "--output", default=".", help="directory (default: current)")
+    p.add_argument("--props", action="store_true", help="include user properties")
+    p.add_argument("--prop-key", action="append", default=[], metavar="KEY",
+                   help="a user property to include (repeatable; implies --props)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip verified files and reuse export requests younger than 6 days")
+    p.add_argument("--poll-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="first wait before polling an export's status (grows to 30 s)")
+
+    def ids_source(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", metavar="FILE", help="ids one per line, a CSV, or - for stdin")
+        p.add_argument("--column", help="take ids from this CSV column")
+
+    p = sub.add_parser("upload", parents=[common], help="create or replace a cohort from ids")
+    ids_source(p)
+    p.add_argument("--name", required=True)
+    p.add_argument("--owner", required=True, help="login email of the owner")
+    p.add_argument("--app-id", type=int, required=True)
+    p.add_argument("--id-type", choices=[t.value for t in IdType], default="BY_USER_ID")
+    p.add_argument("--existing", metavar="COHORT_ID", help="replace this cohort's members")
+    p.add_argument("--group", metavar="CG", help="group type (count group) of the ids")
+    p.add_argument("--published", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="validate only (skip_save)")
+
+    p = sub.add_parser("membership", parents=[common], help="add or remove ids in a cohort")
+    p.add_argument("operation", choices=["add", "remove"])
+    p.add_argument("cohort_id", metavar="COHORT_ID")
+    ids_source(p)
+    p.add_argument("--id-type", choices=[t.value for t in MembershipIdType], default="BY_NAME")
+    p.add_argument("--count-group")
+
+    p = sub.add_parser("request", parents=[common], help="start one export (costs quota)")
+    p.add_argument("cohort_id", metavar="COHORT_ID")
+    p.add_argument("--props", action="store_true")
+    p.add_argument("--prop-key", action="append", default=[], metavar="KEY")
+    p = sub.add_parser("status", parents=[common], help="status of an export request")
+    p.add_argument("request_id", metavar="REQUEST_ID")
+    p = sub.add_parser("fetch", parents=[common], help="download the file of a request")
+    p.add_argument("request_id", metavar="REQUEST_ID")
+    p.add_argument("-o", "--output", required=True, help="file path")
+
+    p = sub.add_parser("demo", help="run the downloader against the built-in emulator")
+    p.add_argument("-o", "--output", default="amp-cohorts-demo")
+    p.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _exit_code(error: AmplitudeError) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(error, cls):
+            return code
+    return 1
+
+
+async def run(args: argparse.Namespace, out: IO[str]) -> int:
+    if args.command == "demo":
+        return await run_demo(pathlib.Path(args.output), out)
+    poll = PollPolicy(initial_interval=getattr(args, "poll_interval", 2.0))
+    async with CohortsClient(region=args.region, base_url=args.base_url, poll=poll) as client:
+        return await COMMANDS[args.command](client, args, out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        code = asyncio.run(run(args, out))
+    except KeyboardInterrupt:
+        print("interrupted: no partial file was left; run the same download with --resume "
+              "to continue without spending quota again", file=sys.stderr)
+        code = 130
+    except AmplitudeError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        code = _exit_code(error)
+    except ModuleNotFoundError as error:
+        if error.name != "rich" or args.debug:
+            raise
+        print("error: the command line needs rich: pip install 'amp-cohorts-async[cli]'",
+              file=sys.stderr)
+        code = 2
+    sys.stdout.flush()
+    raise SystemExit(code)

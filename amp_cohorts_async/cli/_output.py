@@ -1,0 +1,106 @@
+"""How the command line prints: JSON with --json, tables on a terminal, plain lines in pipes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+from typing import IO, Any
+
+import attrs
+
+from .._exceptions import AmplitudeError
+from .._members import iter_members
+from .._models import CohortOutcome
+from ._live import human_bytes
+
+__all__ = ("is_tty", "print_json", "report", "summary")
+
+
+def _jsonable(value: Any) -> Any:
+    if attrs.has(type(value)):
+        return {k: _jsonable(v) for k, v in attrs.asdict(value, recurse=False).items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    if isinstance(value, AmplitudeError):
+        return f"{type(value).__name__}: {value}"
+    return value
+
+
+def print_json(value: Any, out: IO[str]) -> None:
+    json.dump(_jsonable(value), out, indent=2, default=str)
+    out.write("\n")
+
+
+def report(args: argparse.Namespace, out: IO[str], value: Any, text: str) -> int:
+    """``value`` as JSON with --json, else one line of ``text``."""
+    if args.json:
+        print_json(value, out)
+    else:
+        out.write(text + "\n")
+    return 0
+
+
+def is_tty(out: IO[str]) -> bool:
+    return out.isatty()
+
+
+
+async def _count_members(path: pathlib.Path) -> int:
+    count = 0
+    async for _row in iter_members(path):
+        count += 1
+    return count
+
+
+async def summary(outcomes: list[CohortOutcome], started: float, out: IO[str],
+                   as_json: bool, durations: dict[str, float] | None = None) -> None:
+    """The closing table: cohort, members, size, sha256 prefix, seconds, file (or error)."""
+    durations = durations or {}
+    rows = []
+    for outcome in outcomes:
+        result = outcome.result
+        members = await _count_members(result.path) if result is not None else None
+        rows.append((outcome, members))
+    if as_json:
+        print_json([{"cohort_id": o.cohort_id, "members": m, "result": o.result,
+                      "error": o.error, "seconds": durations.get(o.cohort_id)}
+                     for o, m in rows], out)
+        return
+    elapsed = time.monotonic() - started
+    if is_tty(out):
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("cohort", "members", "size", "sha256", "time", "file / error",
+                      title=f"{len(outcomes)} cohorts in {elapsed:.1f}s")
+        for outcome, members in rows:
+            r = outcome.result
+            took = durations.get(outcome.cohort_id)
+            seconds = f"{took:.1f}s" if took is not None else ""
+            if r is not None:
+                table.add_row(outcome.cohort_id, f"{members:,}", human_bytes(r.size_bytes),
+                              r.sha256[:12], seconds, str(r.path))
+            else:
+                table.add_row(outcome.cohort_id, "", "", "", seconds, f"[red]{outcome.error}[/]")
+        Console(file=out).print(table)
+    else:
+        for outcome, members in rows:
+            r = outcome.result
+            took = durations.get(outcome.cohort_id)
+            seconds = f"{took:.1f}s" if took is not None else "-"
+            if r is not None:
+                out.write(f"{outcome.cohort_id}\t{members}\t{r.size_bytes}\t{r.sha256[:12]}"
+                          f"\t{seconds}\t{r.path}\n")
+            else:
+                out.write(f"{outcome.cohort_id}\tFAILED\t{outcome.error}\n")
+        out.write(f"{len(outcomes)} cohorts in {elapsed:.1f}s\n")
+
+
