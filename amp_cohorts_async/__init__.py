@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._client import CohortsClient
-from ._config import Limits, PollPolicy, RateWindow, RetryPolicy
+from ._config import DownloadPolicy, Limits, PollPolicy, RateWindow, RetryPolicy
 from ._exceptions import (
     AmplitudeError,
     APIStatusError,
@@ -50,6 +50,7 @@ __all__ = (
     "CohortRequest",
     "CohortsClient",
     "DownloadError",
+    "DownloadPolicy",
     "DownloadResult",
     "IdType",
     "InvalidRequestError",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from collections.abc import Sequence
 
 import anyio
 
 from ._api import Api
-from ._download import Downloader
+from ._download import Downloader, ForeignRequestError
 from ._events import Progress, ProgressCallback
 from ._exceptions import AmplitudeError, NotFoundError, QuotaExceededError
 from ._files import safe_filename
@@ -17,6 +18,8 @@ from ._models import CohortOutcome, CohortRequest, DownloadResult, ExportOptions
 from ._scheduler import Scheduler
 
 __all__ = ("download_cohorts",)
+
+logger = logging.getLogger("amp_cohorts_async")
 
 
 async def download_cohorts(
@@ -112,10 +115,13 @@ async def _download_one(
     reusable = plan.reusable.get(cohort_id)
     try:
         result = await attempt(reusable)
-    except NotFoundError:
+    except (NotFoundError, ForeignRequestError) as error:
         if reusable is None:
             raise
-        result = await attempt(None)  # the old export is gone; pay for a fresh one
+        # The old export is gone, or the journal named another cohort's: pay for a fresh one.
+        logger.warning("not reusing request %s for %s: %s", reusable.request_id, cohort_id,
+                       error)
+        result = await attempt(None)
     await journal.update(key, cohort_id=cohort_id, file=result.path.name,
                          size_bytes=result.size_bytes, sha256=result.sha256)
     return result

@@ -21,12 +21,12 @@ import anyio
 
 from ._api import Api
 from ._batch import download_cohorts
-from ._config import Limits, PollPolicy, RetryPolicy, resolve_base_url
+from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import Downloader
 from ._events import Progress, ProgressCallback
 from ._exceptions import InvalidRequestError
 from ._files import resolve_target
-from ._http import Credentials, HttpBoundary, default_http_client
+from ._http import Credentials, HttpBoundary, http_client_for
 from ._models import (
     Cohort,
     CohortOutcome,
@@ -113,6 +113,8 @@ class CohortsClient:
         transport: an ``httpx.AsyncBaseTransport`` for the client we own (tests,
             ``FakeAmplitude.transport()``); not with ``http_client``.
         limits_backend: where the shared limits state lives; default: in this process.
+        download: where presigned download links may lead and how far a gzip body may
+            inflate (``DownloadPolicy()``: https to ``*.amazonaws.com``, 100:1).
         wall_clock: the clock (aware ``datetime``) that decides the quota month (UTC) and the
             age of resume journal entries; default ``datetime.now(UTC)``. For replays and tests.
         seed: seeds the random jitter of retries, polls and restarts after a pause, so a run
@@ -132,6 +134,7 @@ class CohortsClient:
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         limits_backend: LimitsBackend | None = None,
+        download: DownloadPolicy | None = None,
         wall_clock: Callable[[], datetime] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -144,11 +147,10 @@ class CohortsClient:
             (limits, Limits, "limits"),
             (retry, RetryPolicy, "retry"),
             (poll, PollPolicy, "poll"),
+            (download, DownloadPolicy, "download"),
         ):
             if value is not None and not isinstance(value, kind):
                 raise InvalidRequestError(f"{name} must be a {kind.__name__}")
-        if http_client is not None and transport is not None:
-            raise InvalidRequestError("pass either http_client or transport, not both")
         if wall_clock is not None and not callable(wall_clock):
             raise InvalidRequestError("wall_clock must be a callable returning a datetime")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -156,9 +158,9 @@ class CohortsClient:
         self.limits = limits or Limits()
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollPolicy()
-        self._owns_http = http_client is None
-        self._http = http_client or default_http_client(
-            self.limits.max_concurrent_requests, transport
+        self.download = download or DownloadPolicy()
+        self._http, self._owns_http = http_client_for(
+            http_client, transport, self.limits.max_concurrent_requests
         )
         rng = random.Random(seed)
         self._scheduler = Scheduler(
@@ -167,7 +169,7 @@ class CohortsClient:
             wall_clock=wall_clock or (lambda: datetime.now(UTC)),
             rng=rng,
         )
-        boundary = HttpBoundary(self._http, base, credentials)
+        boundary = HttpBoundary(self._http, base, credentials, self.download)
         self._api = Api(boundary, Sender(boundary, self._scheduler, self.retry, rng),
                         self._scheduler)
         self._downloader = Downloader(self._api, self._scheduler, self.poll, rng)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -12,7 +13,16 @@ import attrs
 
 from ._exceptions import InvalidRequestError
 
-__all__ = ("REGIONS", "Limits", "PollPolicy", "RateWindow", "RetryPolicy", "resolve_base_url")
+__all__ = (
+    "REGIONS",
+    "DownloadPolicy",
+    "Limits",
+    "PollPolicy",
+    "RateWindow",
+    "RetryPolicy",
+    "is_loopback",
+    "resolve_base_url",
+)
 
 REGIONS: dict[str, str] = {
     "us": "https://amplitude.com",
@@ -111,6 +121,51 @@ class PollPolicy:
     def _check_jitter(self, _attribute: attrs.Attribute[float], value: float) -> None:
         if value >= 1:
             raise InvalidRequestError(f"jitter must be < 1, got {value!r}")
+
+
+# Where Amplitude's presigned export links point.
+DEFAULT_DOWNLOAD_HOSTS: tuple[str, ...] = ("*.amazonaws.com",)
+_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+_HOST_PATTERN = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})+")
+
+
+def _host_patterns(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidRequestError("extra_hosts must be a sequence of host names")
+    patterns = []
+    for item in value:
+        if not isinstance(item, str):
+            raise InvalidRequestError(f"extra_hosts: {item!r} is not a host name")
+        pattern = item.strip().lower().rstrip(".")
+        try:
+            ipaddress.ip_address(pattern)
+        except ValueError:
+            if not _HOST_PATTERN.fullmatch(pattern):
+                raise InvalidRequestError(
+                    f"extra_hosts: {item!r} is not a host name or '*.domain' pattern"
+                ) from None
+        patterns.append(pattern)
+    return tuple(patterns)
+
+
+@attrs.frozen(kw_only=True)
+class DownloadPolicy:
+    """Where a download may be fetched from, and what a body may inflate to.
+
+    ``/file`` answers large exports with a redirect to a presigned S3 URL; it is followed only
+    over https to a host of ``*.amazonaws.com`` or of ``extra_hosts`` (exact names, or
+    ``"*.example.com"`` for its subdomains: a proxy, a CloudFront domain). When the client's
+    base URL is a loopback address (tests, the emulator), loopback targets over http are
+    allowed too. Private, link-local and metadata addresses are refused unless named exactly.
+    A gzip body that inflates more than ``max_gzip_ratio`` times its size is refused.
+    """
+
+    extra_hosts: tuple[str, ...] = attrs.field(default=(), converter=_host_patterns)
+    max_gzip_ratio: float = attrs.field(default=100.0, validator=_positive)
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return DEFAULT_DOWNLOAD_HOSTS + self.extra_hosts
 
 
 def _is_loopback(host: str) -> bool:

@@ -17,7 +17,11 @@ from ._models import CohortRequest, DownloadResult, ExportOptions
 from ._scheduler import Scheduler
 from ._transfer import fetch_file
 
-__all__ = ("Downloader",)
+__all__ = ("Downloader", "ForeignRequestError")
+
+class ForeignRequestError(CohortJobError):
+    """The export request belongs to another cohort (a planted or stale journal entry)."""
+
 
 _FAILED_STATES = re.compile(r"FAIL|ERROR|CANCEL|ABORT", re.IGNORECASE)
 
@@ -46,6 +50,7 @@ class Downloader:
         """Export ``cohort_id`` to ``target`` (or finish the export ``request`` made earlier)."""
         api = self.api.observed(progress.on_wait)
         jobs = self.scheduler.jobs
+        reused = request is not None
         try:
             if jobs is not None:
                 await jobs.acquire()
@@ -55,7 +60,8 @@ class Downloader:
                     if on_requested is not None:
                         await on_requested(request)
                 progress.emit("requested")
-                await self.wait_for_job(api, request.request_id, progress)
+                await self.wait_for_job(api, request.request_id, cohort_id, progress,
+                                        reused=reused)
                 result = await fetch_file(api, request.request_id, target, progress)
             finally:
                 if jobs is not None:
@@ -66,8 +72,14 @@ class Downloader:
         progress.emit("done", bytes_done=result.size_bytes, bytes_total=result.size_bytes)
         return result
 
-    async def wait_for_job(self, api: Api, request_id: str, progress: Progress) -> None:
-        """Poll until the export job is done, with growing, jittered intervals."""
+    async def wait_for_job(
+        self, api: Api, request_id: str, cohort_id: str, progress: Progress, *, reused: bool
+    ) -> None:
+        """Poll until the export job is done, with growing, jittered intervals.
+
+        A status that names another cohort is refused. A ``reused`` request id (from a journal,
+        which is only a file on disk) is trusted only when the status names ``cohort_id``.
+        """
         policy = self.poll
         started = anyio.current_time()
         deadline = None if policy.deadline is None else started + policy.deadline
@@ -79,6 +91,11 @@ class Downloader:
             await anyio.sleep(delay)
             progress.emit("polling")
             status = await api.get_request_status(request_id)
+            if status.cohort_id != cohort_id and (status.cohort_id is not None or reused):
+                raise ForeignRequestError(
+                    f"request {request_id} is an export of cohort {status.cohort_id!r}, "
+                    f"not of {cohort_id!r}"
+                )
             if status.done:
                 return
             if status.async_status and _FAILED_STATES.search(status.async_status):

@@ -65,12 +65,25 @@ def _open_temp(path: pathlib.Path) -> IO[bytes]:
     return open(path, "xb")
 
 
-class AtomicWriter:
-    """Receives raw (possibly gzip-encoded) chunks, writes decoded bytes, hashes them."""
+# The export's first line: every column name double-quoted, separated by commas.
+_HEADER_ROW = re.compile(rb'(\xef\xbb\xbf)?"(?:[^"\r\n]|"")*"(?:,"(?:[^"\r\n]|"")*")*\r?')
+_HEADER_LIMIT = 64 << 10
+# Small gzip bodies may inflate far beyond the ratio (a header and a few rows); let them be.
+_INFLATE_SLACK = 1 << 20
 
-    def __init__(self, target: pathlib.Path) -> None:
+
+class AtomicWriter:
+    """Receives raw (possibly gzip-encoded) chunks, writes decoded bytes, hashes them.
+
+    What it writes must look like a cohort export: its first line is a quoted CSV header row
+    (anything else, an HTML page say, is a DownloadError), and a gzip body may not inflate
+    beyond ``max_gzip_ratio`` times its size (plus 1 MiB of slack for tiny files).
+    """
+
+    def __init__(self, target: pathlib.Path, *, max_gzip_ratio: float = 100.0) -> None:
         self.target = target
         self.temp = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
+        self.max_gzip_ratio = max_gzip_ratio
         self._file: IO[bytes] | None = None
         self._reset_counters()
 
@@ -79,6 +92,19 @@ class AtomicWriter:
         self.size_bytes = 0  # decoded, on disk
         self._hash = hashlib.sha256()
         self._gunzip: Any = None
+        self._head: bytes | None = b""  # the first line while it arrives; None once checked
+
+    def _check_head(self, data: bytes, *, final: bool = False) -> None:
+        assert self._head is not None
+        head = self._head + data[: _HEADER_LIMIT]
+        line, newline, _rest = head.partition(b"\n")
+        if not newline and not final and len(head) < _HEADER_LIMIT:
+            self._head = head
+            return
+        if not _HEADER_ROW.fullmatch(line):
+            shown = line[:60].decode("utf-8", "replace")
+            raise DownloadError(f"the body is not a cohort export (it starts {shown!r})")
+        self._head = None
 
     # -- thread-side work -------------------------------------------------------------------
     def _write_chunks(self, chunks: list[bytes], gunzip: Any) -> None:
@@ -95,20 +121,30 @@ class AtomicWriter:
             self._write_tail(raw)
         else:
             pending = raw
+            allowed = (self.raw_bytes + len(raw)) * self.max_gzip_ratio + _INFLATE_SLACK
             while pending:  # inflate in bounded pieces: a 4 MiB gzip batch can hold 40 MiB
                 self._write_tail(gunzip.decompress(pending, _INFLATE_PIECE))
                 pending = gunzip.unconsumed_tail
+                if self.size_bytes > allowed:
+                    raise DownloadError(
+                        f"the gzip body inflates more than {self.max_gzip_ratio:g} times its "
+                        f"size; refused as a decompression bomb"
+                    )
         self.raw_bytes += len(raw)
 
     def _write_tail(self, data: bytes) -> None:
         assert self._file is not None
         if data:
+            if self._head is not None:
+                self._check_head(data)
             self._file.write(data)
             self._hash.update(data)
             self.size_bytes += len(data)
 
     def _sync_and_rename(self) -> None:
         assert self._file is not None
+        if self._head is not None:
+            self._check_head(b"", final=True)  # a body shorter than one line
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import httpx
 
+from ._config import DownloadPolicy, is_loopback
 from ._exceptions import (
     APIStatusError,
     AuthenticationError,
@@ -29,6 +30,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._redact import install_log_redaction, redact, redact_url
+from ._redirects import check_download_url
 
 __all__ = (
     "Credentials",
@@ -36,6 +38,7 @@ __all__ = (
     "Request",
     "Response",
     "default_http_client",
+    "http_client_for",
     "parse_json",
     "parse_retry_after",
 )
@@ -63,6 +66,25 @@ class Credentials:
         return "Credentials(api_key='***', secret_key='***')"
 
     __str__ = __repr__
+
+
+def http_client_for(
+    http_client: Any, transport: Any, max_connections: int
+) -> tuple[httpx.AsyncClient, bool]:
+    """The httpx client to use and whether we own it (checked: a wrong type fails here)."""
+    if http_client is not None and transport is not None:
+        raise InvalidRequestError("pass either http_client or transport, not both")
+    if http_client is not None:
+        if not isinstance(http_client, httpx.AsyncClient):
+            raise InvalidRequestError(
+                f"http_client must be an httpx.AsyncClient, got {type(http_client).__name__}"
+            )
+        return http_client, False
+    if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
+        raise InvalidRequestError(
+            f"transport must be an httpx.AsyncBaseTransport, got {type(transport).__name__}"
+        )
+    return default_http_client(max_connections, transport), True
 
 
 def default_http_client(
@@ -194,10 +216,18 @@ class HttpBoundary:
     headers and no cookies of the client at all.
     """
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, credentials: Credentials) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        base_url: str,
+        credentials: Credentials,
+        download_policy: DownloadPolicy,
+    ) -> None:
         install_log_redaction()
         self.http = http
         self.base_url = httpx.URL(base_url)
+        self.download_policy = download_policy
+        self._loopback_origin = is_loopback(self.base_url.host)
         self._authorization = credentials.authorization()
 
     def __repr__(self) -> str:
@@ -241,10 +271,12 @@ class HttpBoundary:
     ) -> httpx.Response:
         """GET a presigned URL with only ``headers``: no auth, client headers or cookies.
 
+        The URL must pass the download policy first (DownloadError before any connection).
         The request is built directly rather than through the client, so nothing the client
         carries (default headers, cookies, ``auth=``) can ride along; S3 answers a request with
         two auth mechanisms with 400.
         """
+        check_download_url(url, self.download_policy, loopback_origin=self._loopback_origin)
         try:
             request = httpx.Request("GET", url, headers=dict(headers or {}))
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, TypeError, ValueError) as exc:

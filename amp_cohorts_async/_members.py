@@ -8,10 +8,12 @@ event loop only hands out ready dicts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import itertools
 import os
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from operator import methodcaller
 from os import PathLike
@@ -19,7 +21,7 @@ from typing import IO
 
 import anyio
 
-from ._exceptions import InvalidRequestError
+from ._exceptions import InvalidRequestError, ResponseValidationError
 
 __all__ = ("iter_members",)
 
@@ -138,16 +140,49 @@ async def iter_members(path: str | PathLike[str]) -> AsyncIterator[dict[str, str
     the loop early leaves the file to be closed when the iterator is finalised; call
     ``aclose()`` on it (or use ``contextlib.aclosing``) to close it at once.
     """
-    if not isinstance(path, str | PathLike) or not os.fspath(path):
-        raise InvalidRequestError(f"path must be a file path, got {path!r}")
+    name = checked_path(path)
+    with unreadable_as_errors(name):
+        reader = await anyio.to_thread.run_sync(_Reader, name)
     try:
-        reader = await anyio.to_thread.run_sync(_Reader, path)
-    except FileNotFoundError:
-        raise InvalidRequestError(f"no such file: {os.fspath(path)}") from None
-    try:
-        while batch := await anyio.to_thread.run_sync(reader.batch):
+        while True:
+            with unreadable_as_errors(name):
+                batch = await anyio.to_thread.run_sync(reader.batch)
+            if not batch:
+                break
             for row in batch:  # an async generator's yield is the cheapest per-row hand-off
                 yield row
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(reader.close)
+
+
+def checked_path(path: object) -> str:
+    if not isinstance(path, str | PathLike):
+        raise InvalidRequestError(f"path must be a file path, got {type(path).__name__}")
+    name = os.fspath(path)
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise InvalidRequestError(f"path must be a non-empty text path, got {path!r}")
+    return name
+
+
+@contextlib.contextmanager
+def unreadable_as_errors(name: str) -> Iterator[None]:
+    """A file that cannot be read as a cohort export raises the library's errors.
+
+    The path is the caller's argument (InvalidRequestError: missing, a directory, no access);
+    the content is a file's (ResponseValidationError: not UTF-8, a truncated or corrupt gzip,
+    a malformed CSV).
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise InvalidRequestError(f"no such file: {name}") from None
+    except IsADirectoryError:
+        raise InvalidRequestError(f"{name} is a directory, not a cohort file") from None
+    except PermissionError as exc:
+        raise InvalidRequestError(f"cannot read {name}: {exc.strerror}") from None
+    except (UnicodeDecodeError, EOFError, zlib.error, csv.Error, OSError) as exc:
+        # gzip.BadGzipFile is an OSError; EOFError: a gzip stream that stops early.
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        raise ResponseValidationError(f"{name} is not a readable cohort export ({reason})"
+                                      ) from None

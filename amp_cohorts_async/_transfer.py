@@ -34,13 +34,17 @@ logger = logging.getLogger("amp_cohorts_async")
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
+# Media types that are plainly a page or an error document, never a cohort file.
+_NOT_AN_EXPORT = frozenset(("text/html", "application/xhtml+xml", "application/json",
+                            "application/xml", "text/xml"))
 
 
 async def fetch_file(
     api: Api, request_id: str, target: pathlib.Path, progress: Progress
 ) -> DownloadResult:
     """Fetch the file of ``request_id`` into ``target`` atomically (nothing there on failure)."""
-    async with AtomicWriter(target) as writer:
+    policy = api.boundary.download_policy
+    async with AtomicWriter(target, max_gzip_ratio=policy.max_gzip_ratio) as writer:
         transfer = _Transfer(api, writer, progress)
         try:
             await api.sender.retrying(
@@ -105,6 +109,9 @@ class _Transfer:
     async def _stream_body(self, response: Response) -> None:
         """Append a 200/206 body to the writer; raise IncompleteBodyError if it ends short."""
         writer = self.writer
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if media_type in _NOT_AN_EXPORT:
+            raise DownloadError(f"the answer is {media_type}, not a cohort export")
         encoding = response.headers.get("Content-Encoding", "").strip().lower() or None
         preloaded = is_preloaded(response)
         if preloaded:

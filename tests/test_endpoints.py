@@ -17,6 +17,7 @@ import amp_cohorts_async as amp
 BASE = "https://amplitude.com"
 SEED = json.loads((pathlib.Path(__file__).parent / "data" / "seed_cohorts.json").read_text())
 AUTH = "Basic " + base64.b64encode(b"key:secret").decode()
+CSV = b'"amplitude_id","user_id"\n"1","a"\n'
 NO_RETRY = amp.RetryPolicy(max_attempts=1)
 
 
@@ -205,10 +206,10 @@ async def test_download_file_follows_redirect_without_credentials(
 ) -> None:
     s3 = "https://bucket.s3.amazonaws.com/x.csv?X-Amz-Signature=abc123"
     router.get("/api/5/cohorts/request/r9/file").respond(302, headers={"Location": s3})
-    s3_route = router.get(s3).respond(200, content=b"data")
+    s3_route = router.get(s3).respond(200, content=CSV)
     await client.download_file("r9", tmp_path / "out.csv")
     assert "Authorization" not in s3_route.calls.last.request.headers
-    assert (tmp_path / "out.csv").read_bytes() == b"data"
+    assert (tmp_path / "out.csv").read_bytes() == CSV
 
 
 ERROR_CASES = [

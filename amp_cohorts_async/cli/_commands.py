@@ -32,14 +32,20 @@ def read_ids(source: str, column: str | None) -> list[str]:
         try:
             handle = open(source, encoding="utf-8-sig", newline="")  # noqa: SIM115
         except OSError as exc:
-            raise InvalidRequestError(f"cannot read {source}: {exc.strerror}") from None
-    with handle if source != "-" else contextlib.nullcontext(handle):
-        if column is None:
-            return [line.strip() for line in handle if line.strip()]
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise InvalidRequestError(f"{source} has no column {column!r}")
-        return [row[column].strip() for row in reader if row[column] and row[column].strip()]
+            raise InvalidRequestError(f"cannot read {source}: {exc.strerror or exc}") from None
+    try:
+        with handle if source != "-" else contextlib.nullcontext(handle):
+            if column is None:
+                return [line.strip() for line in handle if line.strip()]
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise InvalidRequestError(f"{source} has no column {column!r}")
+            return [row[column].strip() for row in reader
+                    if row[column] and row[column].strip()]
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"{source} is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise InvalidRequestError(f"{source} is not a readable CSV: {exc}") from None
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -73,7 +79,11 @@ async def cmd_usage(client: CohortsClient, args: argparse.Namespace, out: IO[str
 
 async def cmd_download(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
     directory = anyio.Path(args.output)
-    await directory.mkdir(parents=True, exist_ok=True)
+    try:
+        await directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InvalidRequestError(f"-o {args.output}: a file is in the way of that "
+                                  "directory") from None
     targets: list[str | Cohort]
     if args.all:
         if args.cohort_ids:

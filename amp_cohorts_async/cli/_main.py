@@ -1,8 +1,9 @@
 """amp-cohorts: the command line (``python -m amp_cohorts_async`` too).
 
-Credentials come from AMPLITUDE_API_KEY / AMPLITUDE_SECRET_KEY. Expected failures print one
-line and exit non-zero (2 bad input, 3 auth, 4 not found, 5 quota or limits, 1 other); add
---debug for a traceback. Ctrl-C stops cleanly: no partial file is left, and the journal lets
+Credentials come from AMPLITUDE_API_KEY / AMPLITUDE_SECRET_KEY. Every failure prints one line
+and exits non-zero: 2 bad input (arguments, files that cannot be read or written), 3 auth,
+4 not found, 5 quota or limits, 1 any other failure, 130 interrupted; add --debug for a
+traceback. Ctrl-C stops cleanly: no partial file is left, and the journal lets
 ``download --resume`` go on without spending quota again.
 """
 
@@ -140,5 +141,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("error: the command line needs rich: pip install 'amp-cohorts-async[cli]'",
               file=sys.stderr)
         code = 2
+    except OSError as error:  # a local file or directory: the output, an ids file
+        if args.debug:
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
+        code = 2
+    except Exception as error:  # a bug of ours: still one line, and how to see more
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(error).__name__}: {error} "
+              "(run again with --debug for a traceback)", file=sys.stderr)
+        code = 1
     sys.stdout.flush()
     raise SystemExit(code)

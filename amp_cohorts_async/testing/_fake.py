@@ -43,7 +43,8 @@ ENDPOINTS: tuple[str, ...] = ("list", "request", "status", "file", "s3", "usage"
                               "membership")
 FaultKind = Literal["status", "cut", "truncate", "slow", "expired_link"]
 
-S3_ORIGIN = "https://fake-exports.s3.amazonaws.test"
+# In-process only (never resolved): a host the client's default redirect policy accepts.
+S3_ORIGIN = "https://fake-exports.s3.amazonaws.com"
 _FILE_TTL = 7 * 24 * 3600.0
 _CHUNK = 256 * 1024
 
@@ -187,6 +188,13 @@ class FakeAmplitude:
         self.never_finish: set[str] = set()
         self.failing_jobs: set[str] = set()
         self._faults: dict[str, deque[Fault]] = {}
+        self._fault_rate = 0.0
+        self._fault_rng = random.Random(seed)
+        #: Cohort requests the fake acted on (job started, quota charged) whose answer a
+        #: random fault then cut off: each one costs the client a second, honest request.
+        self.acted_answers_lost = 0
+        #: Random faults injected, by endpoint.
+        self.random_faults_injected: dict[str, int] = {}
         self._window_log: deque[float] = deque()
         self._writing: set[str] = set()
         self._signing_key = secrets.token_bytes(16)
@@ -240,6 +248,34 @@ class FakeAmplitude:
         queue = self._faults.setdefault(endpoint, deque())
         for _ in range(times):
             queue.append(Fault(kind, status, retry_after, after_bytes, delay))
+
+    def random_faults(self, rate: float, *, seed: int = 0) -> None:
+        """Fault a ``rate`` share of all answers at random (after any injected ones).
+
+        Amplitude endpoints answer 500/502/503 or 429 (with Retry-After), or drop the
+        connection after the server acted (a cohort request so cut is counted in
+        ``acted_answers_lost``); ``/file`` also hands out expired links and truncated bodies;
+        S3 answers 500/503, expired links, dropped and truncated bodies.
+        """
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be within [0, 1], got {rate!r}")
+        self._fault_rate = rate
+        self._fault_rng = random.Random(seed)
+
+    def _random_fault(self, endpoint: str) -> Fault | None:
+        rng = self._fault_rng
+        if endpoint == "unknown" or rng.random() >= self._fault_rate:
+            return None
+        self.random_faults_injected[endpoint] = self.random_faults_injected.get(endpoint, 0) + 1
+        choices: list[Fault] = [Fault("status", rng.choice((500, 502, 503)))]
+        if endpoint != "s3":
+            choices.append(Fault("status", 429, retry_after=float(rng.randint(1, 5))))
+        choices.append(Fault("cut", after_bytes=rng.choice((0, 100, 5000))))
+        if endpoint in ("file", "s3"):
+            choices.append(Fault("truncate", after_bytes=rng.randint(0, 50_000)))
+        if endpoint == "file":
+            choices.append(Fault("expired_link"))
+        return rng.choice(choices)
 
     def member_ids(self, cohort_id: str, *, by: Literal["amplitude_id", "user_id"] = "user_id"
                    ) -> set[str]:
@@ -357,7 +393,7 @@ class FakeAmplitude:
 
     async def _dispatch(self, endpoint: str, request: FakeRequest) -> FakeResponse:
         queue = self._faults.get(endpoint)
-        fault = queue.popleft() if queue else None
+        fault = queue.popleft() if queue else self._random_fault(endpoint)
         if fault is not None and fault.kind == "status":
             headers = []
             if fault.retry_after is not None:
@@ -375,6 +411,9 @@ class FakeAmplitude:
             handler = getattr(self, f"_on_{endpoint}")
             response = await handler(request, fault)
         if fault is not None:
+            if (fault.kind in ("cut", "truncate") and endpoint == "request"
+                    and response.status == 202):
+                self.acted_answers_lost += 1
             if fault.kind == "cut":
                 response.cut_after = fault.after_bytes
             elif fault.kind == "truncate":
