@@ -340,8 +340,10 @@ class CohortsClient:
         export = export_options(props, prop_keys)
         callback = _progress_callback(on_progress)
         require_bool(resume, "resume")
-        if not isinstance(dest_dir, str | PathLike) or not os.fspath(dest_dir):
-            raise InvalidRequestError(f"dest_dir must be a path, got {dest_dir!r}")
+        if not isinstance(dest_dir, str | PathLike) or not isinstance(
+            os.fspath(dest_dir), str
+        ) or not os.fspath(dest_dir) or "\x00" in os.fspath(dest_dir):
+            raise InvalidRequestError(f"dest_dir must be a text path, got {dest_dir!r}")
         directory = pathlib.Path(dest_dir)
         if not await anyio.Path(directory).is_dir():
             raise InvalidRequestError(f"dest_dir must be an existing directory: {directory}")

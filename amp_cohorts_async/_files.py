@@ -47,8 +47,8 @@ def resolve_target(dest: Any, cohort_id: str | None) -> pathlib.Path:
     if not isinstance(dest, str | PathLike):
         raise InvalidRequestError(f"dest must be a path, got {type(dest).__name__}")
     text = os.fspath(dest)
-    if not isinstance(text, str) or text == "":
-        raise InvalidRequestError("dest must be a non-empty text path")
+    if not isinstance(text, str) or text == "" or "\x00" in text:
+        raise InvalidRequestError("dest must be a non-empty text path without NUL bytes")
     path = pathlib.Path(text)
     if text.endswith(("/", os.sep)) and not path.is_dir():
         raise InvalidRequestError(f"dest names a directory that does not exist: {text}")

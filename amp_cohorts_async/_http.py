@@ -265,6 +265,9 @@ class HttpBoundary:
             return await self.http.send(request, stream=True, follow_redirects=False, auth=None)
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, request) from None
+        except httpx.InvalidURL as exc:
+            # httpx parses a redirect's Location even when it does not follow it.
+            raise DownloadError(f"unusable redirect Location: {redact(str(exc))}") from None
 
     async def send_external(
         self, url: str, headers: Mapping[str, str] | None = None
@@ -297,9 +300,11 @@ class HttpBoundary:
 
     async def iter_raw(self, response: httpx.Response) -> AsyncIterator[bytes]:
         """The body as it arrives on the wire (not decoded), with httpx errors mapped."""
-        if response.is_stream_consumed:
-            # A mock transport handed over a read (and decoded) body: pass it on as one piece.
-            yield response.content
+        if response.is_stream_consumed and isinstance(response.stream, httpx.AsyncByteStream):
+            # A mock transport's response built from bytes was read at construction; its
+            # stream still holds the raw (undecoded) bytes, which is what we want.
+            async for chunk in response.stream:
+                yield chunk
             return
         try:
             async for chunk in response.aiter_raw():
@@ -326,8 +331,3 @@ class HttpBoundary:
         except httpx.HTTPError:
             body = b""
         raise status_error(response, body)
-
-
-def is_preloaded(response: httpx.Response) -> bool:
-    """Whether a mock transport already read (and decoded) the body."""
-    return response.is_stream_consumed

@@ -53,7 +53,11 @@ class _Reader:
 
     def __init__(self, path: str | PathLike[str]) -> None:
         self.text = _open_text(path)
-        header = next(csv.reader(self.text), None)
+        try:
+            header = next(csv.reader(self.text), None)
+        except BaseException:
+            self.text.close()
+            raise
         self.header = [_strip_tab(name) for name in header] if header else []
         self.tabbed: bool | None = None  # group cohorts: every value starts with a tab
 

@@ -90,6 +90,9 @@ class Ticket:
         self.outcome = outcome
 
 
+WINDOW_EDGE = 1e-3  # seconds
+
+
 class SlidingWindowLog:
     """An exact log of answered cohort requests for one RateWindow, plus those in flight."""
 
@@ -100,7 +103,10 @@ class SlidingWindowLog:
 
     def wait_time(self, now: float) -> float:
         """0 if one more request may start now; else seconds to wait (inf: until one settles)."""
-        limit, length = self.window.max_requests, self.window.seconds
+        limit = self.window.max_requests
+        # A stamp leaves the window a hair after its length: at the exact edge, float rounding
+        # of "now - length" on either side could count it in the server's window still.
+        length = self.window.seconds + WINDOW_EDGE
         while self.stamps and self.stamps[0] + length <= now:
             self.stamps.popleft()
         occupied = self.in_flight + len(self.stamps)

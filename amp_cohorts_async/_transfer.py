@@ -25,7 +25,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._files import AtomicWriter
-from ._http import HttpBoundary, Response, is_preloaded, status_error
+from ._http import HttpBoundary, Response, status_error
 from ._models import DownloadResult
 
 __all__ = ("fetch_file",)
@@ -113,9 +113,6 @@ class _Transfer:
         if media_type in _NOT_AN_EXPORT:
             raise DownloadError(f"the answer is {media_type}, not a cohort export")
         encoding = response.headers.get("Content-Encoding", "").strip().lower() or None
-        preloaded = is_preloaded(response)
-        if preloaded:
-            encoding = None  # the mock transport decoded it already
         if response.status_code == 206:
             start, end, total = _content_range(response)
             if start != writer.raw_bytes:
@@ -129,7 +126,7 @@ class _Transfer:
             else:
                 writer.start_representation(encoding)
             length = response.headers.get("Content-Length")
-            expected = int(length) if length and length.isdigit() and not preloaded else None
+            expected = int(length) if length and length.isdigit() else None
             bytes_total = expected
         else:
             raise DownloadError(f"unexpected HTTP {response.status_code} for the cohort file")

@@ -205,3 +205,39 @@ async def test_a_borrowed_clients_auth_headers_and_cookies_stay_home(
     # Requests to Amplitude carry our credentials, not the borrowed client's auth.
     assert fake.violations == []
     assert all(e.status < 400 for e in fake.log)
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("where", ["gate", "pause"])
+async def test_a_cohort_request_cancelled_while_it_waits_costs_nothing(where: str) -> None:
+    """Cancelled at the concurrency gate or in the shared pause: it never left the machine,
+    so it is neither counted against the quota nor stamped into the rate windows."""
+    release = anyio.Event()
+    cohort_requests = 0
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal cohort_requests
+        if request.url.path == "/api/3/cohorts":
+            await release.wait()  # holds the only slot
+            return httpx.Response(200, json={"cohorts": []})
+        cohort_requests += 1
+        return httpx.Response(200, json={"request_id": f"r{cohort_requests}"})
+
+    limits = amp.Limits(max_concurrent_requests=1, cohort_requests=(amp.RateWindow(1, 600.0),))
+    async with amp.CohortsClient("k", "s", transport=httpx.MockTransport(answer),
+                                 limits=limits) as client, anyio.create_task_group() as group:
+        if where == "gate":
+            group.start_soon(client.list_cohorts)
+            await anyio.wait_all_tasks_blocked()
+        else:
+            client.scheduler.pause(30.0)
+        with anyio.move_on_after(5.0):
+            await client.request_cohort("c1")
+        assert client.scheduler.quota_used() == 0
+        release.set()
+        client.scheduler.paused_until = 0.0
+        started = anyio.current_time()
+        await client.request_cohort("c2")  # the window (1 per 600 s) is still free
+        assert anyio.current_time() - started < 1.0
+        assert cohort_requests == 1
+        assert client.scheduler.quota_used() == 1
