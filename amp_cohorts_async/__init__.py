@@ -21,6 +21,15 @@ from ._exceptions import (
     ServerError,
     TransportError,
 )
+from ._limits import (
+    InMemoryLimits,
+    LimitsBackend,
+    LimitsBackendError,
+    Permit,
+    PermitRequest,
+    PermitWait,
+    Settlement,
+)
 from ._members import iter_members
 from ._models import (
     Cohort,
@@ -53,8 +62,11 @@ __all__ = (
     "DownloadPolicy",
     "DownloadResult",
     "IdType",
+    "InMemoryLimits",
     "InvalidRequestError",
     "Limits",
+    "LimitsBackend",
+    "LimitsBackendError",
     "MembershipChange",
     "MembershipIdType",
     "MembershipOutcome",
@@ -62,6 +74,9 @@ __all__ = (
     "NotFoundError",
     "Operation",
     "PartialWriteError",
+    "Permit",
+    "PermitRequest",
+    "PermitWait",
     "PollPolicy",
     "ProgressEvent",
     "QuotaExceededError",
@@ -71,6 +86,7 @@ __all__ = (
     "ResponseValidationError",
     "RetryPolicy",
     "ServerError",
+    "Settlement",
     "SyncMetadata",
     "TransportError",
     "UploadResult",

@@ -79,7 +79,7 @@ async def _check_quota(api: Api, scheduler: Scheduler, needed: int) -> None:
         return
     usage = await api.get_usage()
     allowed = min(quota, usage.limit)
-    used = max(usage.usage, scheduler.quota_used())
+    used = max(usage.usage, await scheduler.quota_used())
     if used + needed > allowed:
         raise QuotaExceededError(
             f"this batch needs {needed} cohort requests but only {max(0, allowed - used)} "

@@ -8,6 +8,7 @@ uploader (``_upload.py``). Nothing below this module knows the client.
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 import pathlib
 import random
@@ -27,6 +28,7 @@ from ._events import Progress, ProgressCallback
 from ._exceptions import InvalidRequestError
 from ._files import resolve_target
 from ._http import Credentials, HttpBoundary, http_client_for
+from ._limits import LimitsBackend
 from ._models import (
     Cohort,
     CohortOutcome,
@@ -38,7 +40,7 @@ from ._models import (
     UploadResult,
     Usage,
 )
-from ._scheduler import LimitsBackend, Scheduler
+from ._scheduler import Scheduler
 from ._send import Sender
 from ._upload import Uploader
 from ._validate import export_options, require_bool, require_id
@@ -112,7 +114,9 @@ class CohortsClient:
             S3 download carries none.
         transport: an ``httpx.AsyncBaseTransport`` for the client we own (tests,
             ``FakeAmplitude.transport()``); not with ``http_client``.
-        limits_backend: where the shared limits state lives; default: in this process.
+        limits_backend: where the limits state lives (``amp.LimitsBackend``): default
+            ``InMemoryLimits()``, this process only; ``amp_cohorts_async.redis.RedisLimits``
+            shares it with every process and host using the same Redis and app.
         download: where presigned download links may lead and how far a gzip body may
             inflate (``DownloadPolicy()``: https to ``*.amazonaws.com``, 100:1).
         wall_clock: the clock (aware ``datetime``) that decides the quota month (UTC) and the
@@ -162,10 +166,16 @@ class CohortsClient:
         self._http, self._owns_http = http_client_for(
             http_client, transport, self.limits.max_concurrent_requests
         )
+        if limits_backend is not None and not isinstance(limits_backend, LimitsBackend):
+            raise InvalidRequestError(
+                f"limits_backend must implement amp.LimitsBackend, got {limits_backend!r}"
+            )
         rng = random.Random(seed)
         self._scheduler = Scheduler(
             self.limits,
             backend=limits_backend,
+            # Names the app in a shared store without storing its key.
+            app=hashlib.sha256(credentials.api_key.encode()).hexdigest()[:16],
             wall_clock=wall_clock or (lambda: datetime.now(UTC)),
             rng=rng,
         )

@@ -1,7 +1,7 @@
 """Permits for every exchange with the Amplitude host.
 
-Three guards, all shared by every coroutine of one client (or, through a shared backend, by
-every process using one account):
+Three guards, all shared by every coroutine of one client and, through a shared
+``LimitsBackend``, by every process using one account:
 
 * a concurrency gate: at most ``max_concurrent_requests`` HTTP exchanges at once, held for one
   exchange only (never across a poll sleep or an S3 transfer); quota-costing cohort requests go
@@ -22,29 +22,33 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import logging
 import math
 import random
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TypeVar
 
 import anyio
 import attrs
 
-from ._config import Limits, RateWindow
-from ._exceptions import QuotaExceededError
-
-__all__ = (
-    "InMemoryBackend",
-    "LimitsBackend",
-    "Outcome",
-    "RequestKind",
-    "Scheduler",
-    "SlidingWindowLog",
-    "Ticket",
+from ._config import Limits
+from ._exceptions import AmplitudeError
+from ._limits import (
+    InMemoryLimits,
+    LimitsBackend,
+    LimitsBackendError,
+    Permit,
+    PermitRequest,
+    Settlement,
 )
+
+__all__ = ("Outcome", "PriorityGate", "RequestKind", "Scheduler", "Ticket")
+
+logger = logging.getLogger("amp_cohorts_async")
+
+T = TypeVar("T")
 
 
 class RequestKind(enum.Enum):
@@ -88,103 +92,6 @@ class Ticket:
     def answered(self, at: float, outcome: Outcome) -> None:
         self.answered_at = at
         self.outcome = outcome
-
-
-WINDOW_EDGE = 1e-3  # seconds
-
-
-class SlidingWindowLog:
-    """An exact log of answered cohort requests for one RateWindow, plus those in flight."""
-
-    def __init__(self, window: RateWindow) -> None:
-        self.window = window
-        self.stamps: deque[float] = deque()
-        self.in_flight = 0
-
-    def wait_time(self, now: float) -> float:
-        """0 if one more request may start now; else seconds to wait (inf: until one settles)."""
-        limit = self.window.max_requests
-        # A stamp leaves the window a hair after its length: at the exact edge, float rounding
-        # of "now - length" on either side could count it in the server's window still.
-        length = self.window.seconds + WINDOW_EDGE
-        while self.stamps and self.stamps[0] + length <= now:
-            self.stamps.popleft()
-        occupied = self.in_flight + len(self.stamps)
-        if occupied < limit:
-            return 0.0
-        must_expire = occupied - limit + 1
-        if must_expire > len(self.stamps):
-            return math.inf
-        return self.stamps[must_expire - 1] + length - now
-
-    def settle(self, stamp: float | None) -> None:
-        self.in_flight -= 1
-        if stamp is not None:
-            # Answers arrive in time order, so appending keeps the log sorted.
-            if self.stamps and stamp < self.stamps[-1]:
-                stamp = self.stamps[-1]
-            self.stamps.append(stamp)
-
-
-class LimitsBackend(Protocol):
-    """The state that everyone sharing one account's limits must share.
-
-    The in-memory backend serves one process; a shared store (e.g. Redis) can implement the
-    same five operations atomically to enforce the limits across processes.
-    """
-
-    def cohort_wait_time(self, now: float) -> float:
-        """0 and reserve a window slot if a cohort request may start now, else the wait."""
-        ...
-
-    def settle_cohort_request(self, stamp: float | None) -> None: ...
-
-    def reserve_quota(self, month: str, quota: int | None) -> None:
-        """Count one cohort request against ``month``; raise QuotaExceededError if over."""
-        ...
-
-    def refund_quota(self, month: str) -> None: ...
-
-    def set_known_usage(self, month: str, usage: int) -> None: ...
-
-    def quota_used(self, month: str) -> int: ...
-
-
-class InMemoryBackend:
-    """The default backend: exact, in one process, no I/O."""
-
-    def __init__(self, windows: tuple[RateWindow, ...]) -> None:
-        self.logs = [SlidingWindowLog(window) for window in windows]
-        self._usage: dict[str, int] = {}
-
-    def cohort_wait_time(self, now: float) -> float:
-        wait = max((log.wait_time(now) for log in self.logs), default=0.0)
-        if wait <= 0:
-            for log in self.logs:
-                log.in_flight += 1
-        return wait
-
-    def settle_cohort_request(self, stamp: float | None) -> None:
-        for log in self.logs:
-            log.settle(stamp)
-
-    def reserve_quota(self, month: str, quota: int | None) -> None:
-        used = self._usage.get(month, 0)
-        if quota is not None and used + 1 > quota:
-            raise QuotaExceededError(
-                f"monthly cohort-request quota reached: {used} of {quota} used in {month}"
-            )
-        self._usage[month] = used + 1
-
-    def refund_quota(self, month: str) -> None:
-        self._usage[month] = max(0, self._usage.get(month, 0) - 1)
-
-    def set_known_usage(self, month: str, usage: int) -> None:
-        # The server's count wins, except that requests we sent may not be in it yet.
-        self._usage[month] = max(usage, self._usage.get(month, 0))
-
-    def quota_used(self, month: str) -> int:
-        return self._usage.get(month, 0)
 
 
 class PriorityGate:
@@ -238,25 +145,33 @@ def _utc_month(now: datetime) -> str:
 
 
 class Scheduler:
-    """Grants exchange permits under Limits. One per client; primitives are made lazily."""
+    """Grants exchange permits under Limits. One per client; primitives are made lazily.
+
+    The priority order is local (``PriorityGate``); the limits themselves live in the
+    backend, which may be shared by other processes (``LimitsBackend``).
+    """
 
     def __init__(
         self,
         limits: Limits,
         *,
         backend: LimitsBackend | None = None,
+        app: str = "",
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
     ) -> None:
         self.limits = limits
-        self.backend: LimitsBackend = backend or InMemoryBackend(limits.cohort_requests)
+        self.backend: LimitsBackend = backend if backend is not None else InMemoryLimits()
+        self.backend.bind(limits, app)
         self.wall_clock = wall_clock
         self.rng = rng or random.Random()
         self._gate: PriorityGate | None = None
         self._admission: anyio.Lock | None = None
-        self._changed: anyio.Event | None = None
         self._jobs: anyio.Semaphore | None = None
-        self.paused_until = -math.inf
+        self.paused_until = -math.inf  # what this process knows of the shared pause
+        #: Leases the backend found expired while held (a stalled process): reported, since
+        #: another process may have been granted the same slot meanwhile.
+        self.leases_lost = 0
 
     # -- lazily created loop-bound primitives -------------------------------------------
     @property
@@ -276,93 +191,129 @@ class Scheduler:
             self._admission = anyio.Lock()
         return self._admission
 
-    def _changed_event(self) -> anyio.Event:
-        if self._changed is None:
-            self._changed = anyio.Event()
-        return self._changed
-
-    def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
     # -- quota ----------------------------------------------------------------------------
     def month(self) -> str:
         return _utc_month(self.wall_clock())
 
-    def record_usage(self, usage: int) -> None:
-        self.backend.set_known_usage(self.month(), usage)
+    async def record_usage(self, usage: int) -> None:
+        await self._call(self.backend.set_known_usage(self.month(), usage))
 
-    def quota_used(self) -> int:
-        return self.backend.quota_used(self.month())
+    async def quota_used(self) -> int:
+        return await self._call(self.backend.quota_used(self.month()))
 
     # -- the shared pause -----------------------------------------------------------------
-    def pause(self, seconds: float) -> None:
-        """Hold every exchange for ``seconds`` (a 429 was answered)."""
+    async def pause(self, seconds: float) -> None:
+        """Hold every exchange for ``seconds`` (a 429 was answered), here and in the backend."""
         until = anyio.current_time() + seconds
         if until > self.paused_until:
             self.paused_until = until
+        await self._call(self.backend.pause(seconds))
 
-    async def _wait_for_pause(self, on_wait: WaitCallback | None) -> None:
-        while (remaining := self.paused_until - anyio.current_time()) > 0:
-            # Spread the restart a little so a crowd does not hit the server at one instant.
-            spread = self.rng.uniform(0.0, min(1.0, remaining * 0.1))
-            if on_wait is not None:
-                on_wait(remaining + spread)
-            await anyio.sleep(remaining + spread)
+    async def _sleep_out_pause(self, remaining: float, on_wait: WaitCallback | None) -> None:
+        # Spread the restart a little so a crowd does not hit the server at one instant.
+        spread = self.rng.uniform(0.0, min(1.0, remaining * 0.1))
+        if on_wait is not None:
+            on_wait(remaining + spread)
+        await anyio.sleep(remaining + spread)
 
-    # -- cohort-request admission ---------------------------------------------------------
-    async def _admit_cohort_request(self, on_wait: WaitCallback | None) -> str:
-        """Reserve quota and a slot in every window, waiting (FIFO) for the windows."""
-        async with self._admission_lock():
-            month = self.month()
-            self.backend.reserve_quota(month, self.limits.monthly_quota)
+    # -- permits --------------------------------------------------------------------------
+    async def _acquire(self, request: PermitRequest, on_wait: WaitCallback | None) -> Permit:
+        """Ask the backend until it grants ``request``, sleeping as long as it says."""
+        while True:
+            result = await self._call(self.backend.acquire(request))
+            if isinstance(result, Permit):
+                return result
+            if result.reason == "pause":
+                await self._sleep_out_pause(result.seconds, on_wait)
+                continue
+            if on_wait is not None and math.isfinite(result.seconds):
+                on_wait(result.seconds)
+            wait = result.seconds
+            if self.backend.recheck is not None:
+                wait = min(wait, self.backend.recheck)
+            await self.backend.wait_for_release(wait)
+
+    async def _call(self, operation: Awaitable[T]) -> T:
+        """A backend operation shielded from cancellation (a grant must not be lost halfway
+        through its round trip), its failures raised as the library's errors."""
+        with anyio.CancelScope(shield=True):
             try:
-                while (wait := self.backend.cohort_wait_time(anyio.current_time())) > 0:
-                    if on_wait is not None and math.isfinite(wait):
-                        on_wait(wait)
-                    changed = self._changed_event()
-                    with anyio.move_on_after(wait if math.isfinite(wait) else None):
-                        await changed.wait()
-            except BaseException:
-                self.backend.refund_quota(month)
+                result = await operation
+            except AmplitudeError:
                 raise
-            return month
+            except Exception as exc:
+                raise LimitsBackendError(
+                    f"the limits backend failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        return result
 
-    def _settle_cohort_request(self, month: str, ticket: Ticket) -> None:
-        now = anyio.current_time()
-        if ticket.outcome is Outcome.NOT_SENT:
-            self.backend.settle_cohort_request(None)
-        else:
-            # Unknown fate: assume the server counted it as late as now.
-            stamp = ticket.answered_at if ticket.answered_at is not None else now
-            self.backend.settle_cohort_request(stamp)
-        if ticket.outcome in (Outcome.NOT_SENT, Outcome.REFUSED):
-            self.backend.refund_quota(month)
-        self._notify()
+    async def _release(self, permits: list[Permit], ticket: Ticket) -> None:
+        settlement = None
+        if any(permit.cohort for permit in permits):
+            settlement = Settlement(
+                stamp=ticket.outcome is not Outcome.NOT_SENT,
+                refund=ticket.outcome in (Outcome.NOT_SENT, Outcome.REFUSED),
+                # Unknown fate: the backend assumes the server counted it as late as now.
+                at=ticket.answered_at,
+            )
+        self._report_lost(await self._call(self.backend.release(permits, settlement)))
 
-    # -- the permit -----------------------------------------------------------------------
+    def _report_lost(self, lost: int) -> None:
+        if lost:
+            self.leases_lost += lost
+            logger.warning("%d limits lease(s) expired while held; another process may have "
+                           "used the same slot meanwhile (is this process stalling?)", lost)
+
+    @asynccontextmanager
+    async def _renewing(self, permits: list[Permit]) -> AsyncIterator[None]:
+        """Keep the leases of ``permits`` alive while the body runs (backends with a TTL)."""
+        ttl = self.backend.lease_ttl
+        if ttl is None:
+            yield
+            return
+
+        async def renew() -> None:
+            while True:
+                await anyio.sleep(ttl / 3)
+                self._report_lost(await self._call(self.backend.renew(permits)))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(renew)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
+
     @asynccontextmanager
     async def exchange(
         self, kind: RequestKind, *, on_wait: WaitCallback | None = None
     ) -> AsyncIterator[Ticket]:
         """Hold a permit for one HTTP exchange with the Amplitude host."""
         ticket = Ticket()
-        month = None
-        if kind is RequestKind.COHORT_REQUEST:
-            month = await self._admit_cohort_request(on_wait)
+        permits: list[Permit] = []
         try:
-            while True:
-                await self._wait_for_pause(on_wait)
-                await self.gate.acquire(PRIORITY[kind])
-                if self.paused_until <= anyio.current_time():
-                    break
-                self.gate.release()  # a 429 paused everyone while we queued
-            ticket.outcome = Outcome.UNKNOWN  # granted: from here on the server may see it
+            if kind is RequestKind.COHORT_REQUEST:
+                # FIFO among this process's cohort requests: the window wait is not a race.
+                async with self._admission_lock():
+                    permits.append(await self._acquire(PermitRequest(
+                        slot=False, cohort=True, month=self.month(),
+                        quota=self.limits.monthly_quota), on_wait))
+            while (remaining := self.paused_until - anyio.current_time()) > 0:
+                await self._sleep_out_pause(remaining, on_wait)
+            await self.gate.acquire(PRIORITY[kind])
             try:
-                yield ticket
+                permits.append(await self._acquire(PermitRequest(slot=True, cohort=False),
+                                                   on_wait))
+                ticket.outcome = Outcome.UNKNOWN  # granted: from here on the server may see it
+                async with self._renewing(permits):
+                    yield ticket
             finally:
+                if permits:
+                    # Back to the backend before the local gate opens, so the next local
+                    # holder finds the slot free.
+                    held, permits = permits, []
+                    await self._release(held, ticket)
                 self.gate.release()
         finally:
-            if month is not None:
-                self._settle_cohort_request(month, ticket)
+            if permits:  # cancelled before the gate: the cohort permit never left
+                await self._release(permits, ticket)

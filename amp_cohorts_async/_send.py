@@ -78,7 +78,7 @@ class Sender:
                     "retrying %s in %.2fs after attempt %d: %s", what, delay, number, error
                 )
                 if isinstance(error, RateLimitError):
-                    self.scheduler.pause(delay)  # one shared pause: everyone waits
+                    await self.scheduler.pause(delay)  # one shared pause: everyone waits
                 elif delay > 0:
                     if self.on_wait is not None:
                         self.on_wait(delay)

@@ -1,25 +1,15 @@
 """The baseline the scheduler benchmark compares against: aiolimiter leaky buckets.
 
 Same concurrency gate and pause as ours; only the cohort-request windows differ: one
-``AsyncLimiter(max_requests, seconds)`` per RateWindow, acquired when the permit is granted.
+``AsyncLimiter(max_requests, seconds)`` per RateWindow, acquired when the permit is asked for,
+instead of the exact sliding log. Plugged in as a ``LimitsBackend``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from aiolimiter import AsyncLimiter
 
 import amp_cohorts_async as amp
-from amp_cohorts_async._scheduler import Scheduler
-
-
-def use_scheduler(client: amp.CohortsClient, scheduler: Scheduler) -> None:
-    """Swap the scheduler every layer of ``client`` asks for permits (benchmark only)."""
-    client._scheduler = scheduler
-    client._api.scheduler = scheduler
-    client._api.sender.scheduler = scheduler
-    client._downloader.scheduler = scheduler
 
 
 class _VirtualTimeSafeLimiter(AsyncLimiter):
@@ -38,20 +28,29 @@ class _VirtualTimeSafeLimiter(AsyncLimiter):
             self._waker_handle = self._loop.call_at(handle.when() + 1e-6, self._wake_next)
 
 
-class AiolimiterScheduler(Scheduler):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._limiters: list[AsyncLimiter] | None = None
+class AiolimiterLimits(amp.InMemoryLimits):
+    """The in-memory backend with its exact windows replaced by leaky buckets."""
 
-    async def _admit_cohort_request(self, on_wait: Callable[[float], None] | None) -> str:
+    def __init__(self) -> None:
+        super().__init__()
+        self._limiters: list[AsyncLimiter] | None = None
+        self._granted = 0
+
+    async def acquire(self, request: amp.PermitRequest) -> amp.Permit | amp.PermitWait:
+        if not request.cohort:
+            return await super().acquire(request)
+        assert self.limits is not None
+        assert not request.slot
         if self._limiters is None:
             self._limiters = [_VirtualTimeSafeLimiter(w.max_requests, w.seconds)
                               for w in self.limits.cohort_requests]
-        month = self.month()
-        self.backend.reserve_quota(month, self.limits.monthly_quota)
+        used = await self.quota_used(request.month)
+        if request.quota is not None and used + 1 > request.quota:
+            raise amp.QuotaExceededError(f"{used} of {request.quota} used")
         for limiter in self._limiters:
             await limiter.acquire()
-        # Count as in flight so settle() stays balanced; no admission check is made.
-        for log in self.backend.logs:  # type: ignore[attr-defined]
+        await self.set_known_usage(request.month, used + 1)
+        for log in self.logs:  # counted in flight so that release() stays balanced
             log.in_flight += 1
-        return month
+        self._granted += 1
+        return amp.Permit(f"a{self._granted}", slot=False, cohort=True, month=request.month)

@@ -21,11 +21,10 @@ from collections.abc import Callable
 import attrs
 
 import amp_cohorts_async as amp
-from amp_cohorts_async._scheduler import Scheduler
 from amp_cohorts_async.testing import FakeAmplitude, run_in_virtual_time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _baseline_scheduler import AiolimiterScheduler, use_scheduler
+from _baseline_scheduler import AiolimiterLimits
 
 LIMITS = amp.Limits()
 
@@ -65,7 +64,7 @@ class Run:
 
 
 def run_once(n: int, seed: int, job: tuple[float, float], latency: tuple[float, float],
-             make_scheduler: Callable[..., Scheduler], poll: amp.PollPolicy,
+             make_backend: Callable[[], amp.LimitsBackend], poll: amp.PollPolicy,
              sized: bool) -> Run:
     """One batch. ``sized``: cohort sizes grow with export time and the client is given the
     Cohort objects (so it can start the largest first); otherwise it only has ids."""
@@ -79,9 +78,9 @@ def run_once(n: int, seed: int, job: tuple[float, float], latency: tuple[float, 
         )
         ids = [fake.add_cohort(f"c{i}", size=int(durations[i] * 10)).id for i in range(n)]
         with tempfile.TemporaryDirectory() as directory:
-            client = amp.CohortsClient(fake.api_key, fake.secret_key,
-                                       transport=fake.transport(), poll=poll, seed=seed)
-            use_scheduler(client, make_scheduler(LIMITS, rng=random.Random(seed)))
+            client = amp.CohortsClient(fake.api_key, fake.secret_key, limits=LIMITS,
+                                       transport=fake.transport(), poll=poll, seed=seed,
+                                       limits_backend=make_backend())
             async with client:
                 import anyio
 
@@ -114,10 +113,10 @@ def main() -> None:
         ("N=200, sizes known", 200, (20.0, 120.0), (0.02, 0.5), True),
         ("N=4, 120 s jobs", 4, (120.0, 120.0), (0.02, 0.5), False),
     ]
-    schedulers: list[tuple[str, Callable[..., Scheduler], amp.PollPolicy]] = [
-        ("ours, default poll", Scheduler, amp.PollPolicy()),
-        ("ours, poll every 2s", Scheduler, tight),
-        ("aiolimiter baseline", AiolimiterScheduler, tight),
+    schedulers: list[tuple[str, Callable[[], amp.LimitsBackend], amp.PollPolicy]] = [
+        ("ours, default poll", amp.InMemoryLimits, amp.PollPolicy()),
+        ("ours, poll every 2s", amp.InMemoryLimits, tight),
+        ("aiolimiter baseline", AiolimiterLimits, tight),
     ]
     print(f"jobs 20-120 s (N=200) or 120 s (N=4), latency 20-500 ms, {len(seeds)} seeds each")
     print(f"{'scenario':20} {'scheduler':22} {'429s':>5} {'viol.':>6} {'fail':>5} "

@@ -53,7 +53,7 @@ async def test_a_faulted_batch_loses_and_corrupts_nothing(
                                      poll=POLL, retry=amp.RetryPolicy(max_attempts=10),
                                      seed=seed) as client:
             outcomes = await client.download_cohorts(ids, tmp_path)
-            local_quota = client.scheduler.quota_used()
+            local_quota = await client.scheduler.quota_used()
         if rate:
             assert sum(fake.random_faults_injected.values()) > 0
         for outcome in outcomes:
@@ -93,6 +93,6 @@ async def test_random_cancellations_leave_nothing_and_count_quota_exactly(
             scheduler = client.scheduler
             assert scheduler.gate.in_use == 0
             assert all(log.in_flight == 0 for log in scheduler.backend.logs)  # type: ignore[attr-defined]
-            assert scheduler.quota_used() == fake.cohort_requests
+            assert await scheduler.quota_used() == fake.cohort_requests
         assert cancelled >= 50
         assert fake.violations == []

@@ -98,7 +98,7 @@ async def test_client_errors_are_not_retried(fake: FakeAmplitude) -> None:
         with pytest.raises(amp.NotFoundError):
             await client.request_cohort("missing")
     assert len(fake.log) == 1
-    assert client.scheduler.quota_used() == 0
+    assert await client.scheduler.quota_used() == 0
 
 
 @pytest.mark.looptime
@@ -109,7 +109,7 @@ async def test_cohort_request_retry_counts_quota_when_fate_unknown(fake: FakeAmp
                                  ) as client:
         await client.request_cohort("small")
         # 502: may have been acted on -> counted; 429: refused -> not counted; 202 counted.
-        assert client.scheduler.quota_used() == 2
+        assert await client.scheduler.quota_used() == 2
     assert [e.status for e in fake.log] == [502, 429, 202]
 
 

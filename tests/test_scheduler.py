@@ -12,14 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import amp_cohorts_async as amp
-from amp_cohorts_async._scheduler import (
-    WINDOW_EDGE,
-    Outcome,
-    PriorityGate,
-    RequestKind,
-    Scheduler,
-    SlidingWindowLog,
-)
+from amp_cohorts_async._limits import WINDOW_EDGE, SlidingWindowLog
+from amp_cohorts_async._scheduler import Outcome, PriorityGate, RequestKind, Scheduler
 from amp_cohorts_async.testing import run_in_virtual_time
 
 
@@ -167,7 +161,7 @@ async def test_a_pause_holds_everyone(looptime: object) -> None:
         async with scheduler.exchange(RequestKind.POLL):
             started.append(anyio.current_time())
 
-    scheduler.pause(30.0)
+    await scheduler.pause(30.0)
     async with anyio.create_task_group() as group:
         for _ in range(5):
             group.start_soon(call)
@@ -182,12 +176,12 @@ async def test_quota_reserved_then_refunded_only_when_the_server_did_not_act() -
     for outcome in (Outcome.REFUSED, Outcome.NOT_SENT):
         async with scheduler.exchange(RequestKind.COHORT_REQUEST) as ticket:
             ticket.outcome = outcome
-    assert scheduler.quota_used() == 0
+    assert await scheduler.quota_used() == 0
     async with scheduler.exchange(RequestKind.COHORT_REQUEST) as ticket:
         ticket.answered(anyio.current_time(), Outcome.ACCEPTED)
     async with scheduler.exchange(RequestKind.COHORT_REQUEST):
         pass  # unknown fate counts as spent
-    assert scheduler.quota_used() == 2
+    assert await scheduler.quota_used() == 2
     with pytest.raises(amp.QuotaExceededError, match="2 of 2 used in 2026-03"):
         async with scheduler.exchange(RequestKind.COHORT_REQUEST):
             pass
@@ -208,7 +202,7 @@ async def test_quota_is_counted_per_calendar_month() -> None:
 
 async def test_known_usage_counts() -> None:
     scheduler = Scheduler(amp.Limits(monthly_quota=10))
-    scheduler.record_usage(10)
+    await scheduler.record_usage(10)
     with pytest.raises(amp.QuotaExceededError):
         async with scheduler.exchange(RequestKind.COHORT_REQUEST):
             pass
