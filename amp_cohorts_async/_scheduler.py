@@ -277,12 +277,19 @@ class Scheduler:
                 await anyio.sleep(ttl / 3)
                 self._report_lost(await self._call(self.backend.renew(permits)))
 
+        # The body's own exception is carried past the task group, so that it reaches the
+        # caller as itself rather than wrapped in an exception group.
+        failure: BaseException | None = None
         async with anyio.create_task_group() as group:
             group.start_soon(renew)
             try:
                 yield
+            except BaseException as exc:
+                failure = exc
             finally:
                 group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     @asynccontextmanager
     async def exchange(

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -50,3 +55,49 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[object]:
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+
+
+# -- a real redis-server for the shared-limits tests -------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis to test against: AMP_TEST_REDIS_URL, or a redis-server started for the run.
+
+    Without either, the Redis tests skip, except where AMP_REQUIRE_REDIS is set (CI): there
+    they fail, so a missing server can never pass as green.
+    """
+    if url := os.environ.get("AMP_TEST_REDIS_URL"):
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("AMP_REQUIRE_REDIS"):
+            pytest.fail(message)
+        pytest.skip(message)
+    port = _free_port()
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+         "no", "--protected-mode", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail(f"redis-server did not start on port {port}")
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)

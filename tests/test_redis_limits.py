@@ -1,0 +1,346 @@
+"""Shared limits on a real redis-server: the backend's operations, then several processes.
+
+These run in real time against the Redis that the ``redis_url`` fixture provides (a
+redis-server started for the run); windows are scaled down to fractions of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.abc
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import amp_cohorts_async as amp
+from amp_cohorts_async.redis import RedisLimits
+from amp_cohorts_async.testing import FakeAmplitude
+
+WORKER = pathlib.Path(__file__).with_name("limits_worker.py")
+SCALED = amp.Limits(max_concurrent_requests=3, cohort_requests=(amp.RateWindow(20, 2.0),),
+                    monthly_quota=None)
+
+
+@pytest.fixture
+async def backend(redis_url: str) -> AsyncIterator[RedisLimits]:
+    async with RedisLimits.from_url(redis_url, namespace=f"t-{uuid.uuid4().hex}",
+                                    lease_ttl=0.5) as limits:
+        yield limits
+
+
+def slot() -> amp.PermitRequest:
+    return amp.PermitRequest(slot=True, cohort=False)
+
+
+def cohort(quota: int | None = None) -> amp.PermitRequest:
+    return amp.PermitRequest(slot=False, cohort=True, month="2026-11", quota=quota)
+
+
+# -- the operations ----------------------------------------------------------------------------
+
+
+async def test_slots_are_granted_up_to_the_limit_and_come_back(backend: RedisLimits) -> None:
+    backend.bind(amp.Limits(max_concurrent_requests=2), "app")
+    first, second = await backend.acquire(slot()), await backend.acquire(slot())
+    assert isinstance(first, amp.Permit)
+    assert isinstance(second, amp.Permit)
+    assert await backend.acquire(slot()) == amp.PermitWait(math.inf, "slots")
+    assert await backend.release([first], None) == 0
+    assert isinstance(await backend.acquire(slot()), amp.Permit)
+
+
+async def test_the_window_is_exact_and_says_how_long_to_wait(backend: RedisLimits) -> None:
+    backend.bind(amp.Limits(cohort_requests=(amp.RateWindow(2, 0.6),), monthly_quota=None),
+                 "app")
+    a, b = await backend.acquire(cohort()), await backend.acquire(cohort())
+    assert isinstance(a, amp.Permit)
+    assert isinstance(b, amp.Permit)
+    assert await backend.acquire(cohort()) == amp.PermitWait(math.inf, "window")  # in flight
+    settled = time.monotonic()
+    await backend.release([a], amp.Settlement(stamp=True, refund=False))
+    wait = await backend.acquire(cohort())
+    assert isinstance(wait, amp.PermitWait)
+    assert wait.reason == "window"
+    assert 0.5 < wait.seconds <= 0.602
+    await anyio.sleep(wait.seconds - (time.monotonic() - settled) + 0.01)
+    assert isinstance(await backend.acquire(cohort()), amp.Permit)
+
+
+async def test_a_request_that_never_left_leaves_no_stamp_and_no_quota(
+    backend: RedisLimits
+) -> None:
+    backend.bind(amp.Limits(cohort_requests=(amp.RateWindow(1, 60.0),)), "app")
+    permit = await backend.acquire(cohort(quota=1))
+    assert isinstance(permit, amp.Permit)
+    assert await backend.quota_used("2026-11") == 1
+    await backend.release([permit], amp.Settlement(stamp=False, refund=True))
+    assert await backend.quota_used("2026-11") == 0
+    assert isinstance(await backend.acquire(cohort(quota=1)), amp.Permit)  # window still free
+    with pytest.raises(amp.QuotaExceededError, match="1 of 1 used in 2026-11"):
+        await backend.acquire(cohort(quota=1))
+
+
+async def test_known_usage_and_the_pause_are_shared(backend: RedisLimits, redis_url: str
+                                                    ) -> None:
+    backend.bind(amp.Limits(), "app")
+    async with RedisLimits.from_url(redis_url, namespace=backend.namespace) as other:
+        other.bind(amp.Limits(), "app")
+        await backend.set_known_usage("2026-11", 42)
+        await backend.set_known_usage("2026-11", 7)  # never lowers the count
+        assert await other.quota_used("2026-11") == 42
+        await other.pause(0.4)
+        wait = await backend.acquire(slot())
+        assert isinstance(wait, amp.PermitWait)
+        assert wait.reason == "pause"
+        assert 0.3 < wait.seconds <= 0.4
+
+
+async def test_a_lease_not_renewed_expires_and_is_reported(backend: RedisLimits) -> None:
+    backend.bind(amp.Limits(max_concurrent_requests=1), "app")
+    held = await backend.acquire(slot())
+    assert isinstance(held, amp.Permit)
+    assert await backend.acquire(slot()) == amp.PermitWait(math.inf, "slots")
+    await anyio.sleep(0.6)  # lease_ttl=0.5 without a renewal: the holder is presumed dead
+    taken = await backend.acquire(slot())
+    assert isinstance(taken, amp.Permit)
+    assert await backend.renew([held]) == 1  # the late holder hears its lease is gone
+    assert await backend.release([held], None) == 0  # reported once, not twice
+    assert await backend.release([taken], None) == 0
+
+
+async def test_a_held_exchange_keeps_its_lease(redis_url: str) -> None:
+    async with RedisLimits.from_url(redis_url, namespace=uuid.uuid4().hex,
+                                    lease_ttl=0.5) as limits:
+        with FakeAmplitude() as fake:
+            async with fake.serve() as base_url, amp.CohortsClient(
+                fake.api_key, fake.secret_key, base_url=base_url, limits_backend=limits,
+                limits=amp.Limits(max_concurrent_requests=1),
+            ) as client:
+                async with client.scheduler.exchange(amp_kind_other()):
+                    await anyio.sleep(1.3)  # more than twice the TTL, renewed meanwhile
+                    assert await limits.acquire(slot()) == amp.PermitWait(math.inf, "slots")
+                assert client.scheduler.leases_lost == 0
+                await client.list_cohorts()
+
+
+def amp_kind_other() -> object:
+    from amp_cohorts_async._scheduler import RequestKind
+
+    return RequestKind.OTHER
+
+
+async def test_apps_are_kept_apart_and_no_key_is_stored(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    limits = amp.Limits(max_concurrent_requests=1)
+    async with RedisLimits.from_url(redis_url) as one, RedisLimits.from_url(redis_url) as two:
+        key_one, key_two = f"key-{uuid.uuid4().hex}", f"key-{uuid.uuid4().hex}"
+        amp.CohortsClient(key_one, "secret", limits=limits, limits_backend=one)
+        amp.CohortsClient(key_two, "secret", limits=limits, limits_backend=two)
+        assert isinstance(await one.acquire(slot()), amp.Permit)
+        assert isinstance(await two.acquire(slot()), amp.Permit)  # another app's slot
+        with pytest.raises(amp.InvalidRequestError, match="another app"):
+            amp.CohortsClient(key_two, "secret", limits=limits, limits_backend=one)
+        redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        async with redis:
+            keys = [k async for k in redis.scan_iter("amp-cohorts:*")]
+            values = [str(await redis.zrange(k, 0, -1)) if await redis.type(k) == "zset"
+                      else str(await redis.get(k)) for k in keys]
+        assert keys
+        assert not any(secret in text for text in keys + values for secret in (key_one, key_two))
+
+
+async def test_an_unreachable_redis_is_a_named_error_without_the_password() -> None:
+    limits = RedisLimits.from_url("redis://:s3cret-pw@127.0.0.1:1/0")
+    async with limits, amp.CohortsClient("k", "s", limits_backend=limits) as client:
+        with pytest.raises(amp.LimitsBackendError) as caught:
+            await client.list_cohorts()
+    text = str(caught.value)
+    assert "redis://127.0.0.1:1/0" in text
+    assert "s3cret" not in text
+    assert "never falls back" in text
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: RedisLimits.from_url("http://host"),
+    lambda: RedisLimits.from_url("redis://h", lease_ttl=0),
+    lambda: RedisLimits.from_url("redis://h", lease_ttl=math.nan),
+    lambda: RedisLimits.from_url("redis://h", namespace="a b"),
+    lambda: amp.CohortsClient("k", "s", limits_backend="redis://h"),  # type: ignore[arg-type]
+])
+def test_bad_backend_arguments(bad: object) -> None:
+    with pytest.raises(amp.InvalidRequestError):
+        bad()  # type: ignore[operator]
+
+
+# -- property: random arrivals, faults, cancellations and dead holders never over-grant ------
+
+ops = st.lists(
+    st.tuples(st.floats(0.0, 0.6),  # when
+              st.sampled_from(["ok", "ok", "ok", "cancel", "429", "500", "crash"])),
+    min_size=1, max_size=10,
+)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(plan=ops, shared=st.booleans())
+def test_backends_never_over_grant_a_window(redis_url: str, plan: list[tuple[float, str]],
+                                            shared: bool) -> None:
+    limits = amp.Limits(max_concurrent_requests=2, cohort_requests=(amp.RateWindow(3, 0.4),),
+                        monthly_quota=None)
+
+    async def main() -> None:
+        backend: amp.LimitsBackend = (
+            RedisLimits.from_url(redis_url, namespace=uuid.uuid4().hex, lease_ttl=0.5)
+            if shared else amp.InMemoryLimits()
+        )
+        with FakeAmplitude(limits=limits) as fake:
+            fake.add_cohort("c", size=3)
+            async with fake.serve() as base_url, amp.CohortsClient(
+                fake.api_key, fake.secret_key, base_url=base_url, limits=limits,
+                limits_backend=backend, retry=amp.RetryPolicy(max_attempts=2,
+                                                              initial_delay=0.01),
+            ) as client, anyio.create_task_group() as group:
+
+                async def one(at: float, fate: str) -> None:
+                    await anyio.sleep(at)
+                    if fate == "crash":  # a holder that dies with its permit
+                        if not shared:
+                            return  # one process: a crash takes the whole budget with it
+                        await backend.acquire(amp.PermitRequest(slot=True, cohort=True,
+                                                                month="2026-11"))
+                        return
+                    if fate in ("429", "500"):
+                        fake.inject("request", "status", status=int(fate))
+                    with anyio.move_on_after(0.05 if fate == "cancel" else math.inf), \
+                            contextlib.suppress(amp.AmplitudeError):
+                        await client.request_cohort("c")
+
+                for at, fate in plan:
+                    group.start_soon(one, at, fate)
+            assert fake.violations == []
+        if isinstance(backend, RedisLimits):
+            await backend.aclose()
+
+    anyio.run(main)
+
+
+# -- several processes on one account ---------------------------------------------------------
+
+async def run_workers(base_url: str, spec: str, groups: list[list[str]], out: pathlib.Path,
+                      namespace: str, **env_extra: str) -> list[dict[str, object]]:
+    env = {**os.environ, "AMP_TEST_NAMESPACE": namespace, **env_extra}
+    processes = []
+    for index, ids in enumerate(groups):
+        directory = out / f"w{index}"
+        directory.mkdir()
+        processes.append(await anyio.open_process(
+            [sys.executable, str(WORKER), "download", base_url, spec, str(directory), *ids],
+            env=env))
+    readers = [BufferedByteReceiveStream(p.stdout) for p in processes if p.stdout]
+    try:
+        with anyio.fail_after(90):  # a run that breaks the limits must fail, not hang
+            return await _drive(processes, readers)
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+            await process.aclose()
+
+
+async def _drive(processes: list[anyio.abc.Process],
+                 readers: list[BufferedByteReceiveStream]) -> list[dict[str, object]]:
+    for reader in readers:  # everyone imported and connected: start together
+        assert await reader.receive_until(b"\n", 1 << 16) == b"ready"
+    for process in processes:
+        assert process.stdin is not None
+        await process.stdin.send(b"go\n")
+    results = []
+    for process, reader in zip(processes, readers, strict=True):
+        results.append(json.loads(await reader.receive_until(b"\n", 1 << 20)))
+        await process.wait()
+    return results
+
+
+def start_efficiency(fake: FakeAmplitude, window: amp.RateWindow) -> float:
+    """How close the accepted cohort requests came to the rate the window allows (1.0 =
+    every window filled the moment it could be)."""
+    starts = sorted(e.time for e in fake.log if e.endpoint == "request" and e.status == 202)
+    ideal_span = window.seconds * (math.ceil(len(starts) / window.max_requests) - 1)
+    return ideal_span / (starts[-1] - starts[0])
+
+
+async def test_four_processes_share_one_budget_without_a_violation(
+    redis_url: str, tmp_path: pathlib.Path
+) -> None:
+    with FakeAmplitude(limits=SCALED, job_duration=0.3, latency=(0.001, 0.005)) as fake:
+        ids = [fake.add_cohort(f"c{i:02d}", size=20).id for i in range(60)]
+        async with fake.serve() as base_url:
+            results = await run_workers(base_url, redis_url, [ids[i::4] for i in range(4)],
+                                        tmp_path, uuid.uuid4().hex)
+    assert [r["ok"] for r in results] == [15, 15, 15, 15]
+    assert fake.violations == []
+    assert not [e for e in fake.log if e.status == 429]
+    assert fake.cohort_requests == 60
+    assert start_efficiency(fake, SCALED.cohort_requests[0]) >= 0.95
+    assert fake.max_active <= 3
+
+
+async def test_a_killed_holder_gives_its_slot_back_within_the_ttl(
+    redis_url: str, tmp_path: pathlib.Path
+) -> None:
+    import redis.asyncio as aioredis
+
+    namespace = uuid.uuid4().hex
+    env = {**os.environ, "AMP_TEST_NAMESPACE": namespace, "AMP_TEST_LEASE_TTL": "1.0"}
+    hog = await anyio.open_process([sys.executable, str(WORKER), "hog", redis_url], env=env)
+    async with hog:
+        assert hog.stdout is not None
+        reader = BufferedByteReceiveStream(hog.stdout)
+        token = json.loads(await reader.receive_until(b"\n", 1 << 16))["token"]
+        await anyio.sleep(1.5)  # alive and renewing past its TTL: still held
+        redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        async with redis:
+            slots = f"amp-cohorts:{{{namespace}}}:slots"
+            assert await redis.zscore(slots, token) is not None
+            os.kill(hog.pid, signal.SIGKILL)
+            await hog.wait()
+            expiry = await redis.zscore(slots, token)
+            seconds, micros = await redis.time()
+            assert expiry is not None
+            assert expiry / 1e6 - (seconds + micros / 1e6) <= 1.0  # back within the TTL
+        with FakeAmplitude(limits=SCALED, job_duration=0.2) as fake:
+            ids = [fake.add_cohort(f"c{i}", size=5).id for i in range(12)]
+            async with fake.serve() as base_url:
+                results = await run_workers(base_url, redis_url, [ids[:6], ids[6:]], tmp_path,
+                                            namespace)
+    assert [r["ok"] for r in results] == [6, 6]
+    assert fake.violations == []
+
+
+async def test_per_process_limits_break_the_account_limits(tmp_path: pathlib.Path) -> None:
+    """Why the shared backend exists: four processes, each obeying the limits on its own,
+    together exceed them (the emulator counts for the account, as Amplitude does)."""
+    with FakeAmplitude(limits=SCALED, job_duration=0.3, latency=(0.001, 0.005)) as fake:
+        ids = [fake.add_cohort(f"c{i:02d}", size=20).id for i in range(60)]
+        async with fake.serve() as base_url:
+            await run_workers(base_url, "memory", [ids[i::4] for i in range(4)], tmp_path,
+                              "unused", AMP_TEST_RETRY_AFTER_CAP="0.2")
+    kinds = {v.kind for v in fake.violations}
+    assert "window" in kinds or "concurrency" in kinds
+    assert len(fake.violations) > 0
+
+
