@@ -119,6 +119,13 @@ class PriorityGate:
                 waiter.abandoned = True
             raise
 
+    def try_acquire(self) -> bool:
+        """Take a slot only if one is free now and nobody is queued for it."""
+        if self.in_use < self.capacity and not self._waiters:
+            self.in_use += 1
+            return True
+        return False
+
     def release(self) -> None:
         while self._waiters:
             _, _, waiter = heapq.heappop(self._waiters)
@@ -217,12 +224,31 @@ class Scheduler:
         await anyio.sleep(remaining + spread)
 
     # -- permits --------------------------------------------------------------------------
-    async def _acquire(self, request: PermitRequest, on_wait: WaitCallback | None) -> Permit:
-        """Ask the backend until it grants ``request``, sleeping as long as it says."""
+    async def _acquire(
+        self, request: PermitRequest, on_wait: WaitCallback | None, *, gate_too: bool = False
+    ) -> tuple[Permit, bool]:
+        """Ask the backend until it grants ``request``, sleeping as long as it says.
+
+        ``gate_too``: whenever the local gate is free at once, take it and ask for the slot in
+        the same round trip; the second value says whether the gate and a slot came with it.
+        """
         while True:
-            result = await self._call(self.backend.acquire(request))
+            gated = (gate_too and self.paused_until <= anyio.current_time()
+                     and self.gate.try_acquire())
+            try:
+                result = await self._call(self.backend.acquire(
+                    attrs.evolve(request, slot=True) if gated else request))
+            except BaseException:
+                if gated:
+                    self.gate.release()
+                raise
             if isinstance(result, Permit):
-                return result
+                return result, gated
+            if gated:
+                self.gate.release()
+                if result.reason != "window":
+                    gate_too = False  # the slot said no: ask for the rest alone, then queue
+                    continue
             if result.reason == "pause":
                 await self._sleep_out_pause(result.seconds, on_wait)
                 continue
@@ -298,19 +324,25 @@ class Scheduler:
         """Hold a permit for one HTTP exchange with the Amplitude host."""
         ticket = Ticket()
         permits: list[Permit] = []
+        gated = False
         try:
             if kind is RequestKind.COHORT_REQUEST:
                 # FIFO among this process's cohort requests: the window wait is not a race.
+                # When the gate is free, the slot comes in the same round trip to the backend.
                 async with self._admission_lock():
-                    permits.append(await self._acquire(PermitRequest(
+                    permit, gated = await self._acquire(PermitRequest(
                         slot=False, cohort=True, month=self.month(),
-                        quota=self.limits.monthly_quota), on_wait))
-            while (remaining := self.paused_until - anyio.current_time()) > 0:
-                await self._sleep_out_pause(remaining, on_wait)
-            await self.gate.acquire(PRIORITY[kind])
+                        quota=self.limits.monthly_quota), on_wait, gate_too=True)
+                    permits.append(permit)
+            if not gated:
+                while (remaining := self.paused_until - anyio.current_time()) > 0:
+                    await self._sleep_out_pause(remaining, on_wait)
+                await self.gate.acquire(PRIORITY[kind])
             try:
-                permits.append(await self._acquire(PermitRequest(slot=True, cohort=False),
-                                                   on_wait))
+                if not gated:
+                    slot, _ = await self._acquire(PermitRequest(slot=True, cohort=False),
+                                                  on_wait)
+                    permits.append(slot)
                 ticket.outcome = Outcome.UNKNOWN  # granted: from here on the server may see it
                 async with self._renewing(permits):
                     yield ticket

@@ -6,10 +6,17 @@ routes through a dependency. Downloads run in the lifespan's task group, so shut
 down cancels them cleanly (no partial files), and their progress can be polled.
 
     AMPLITUDE_API_KEY=... AMPLITUDE_SECRET_KEY=... uvicorn examples.fastapi_app:app
+
+Under several workers (``uvicorn --workers 4``, gunicorn) each worker is a process with its
+own client; set AMPLITUDE_LIMITS_URL=redis://host:6379/0 so that all of them draw from one
+set of limits (the account's) instead of four:
+
+    AMPLITUDE_LIMITS_URL=redis://localhost:6379/0 uvicorn examples.fastapi_app:app --workers 4
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -53,19 +60,34 @@ def get_client(request: Request) -> amp.CohortsClient:
 Client = Annotated[amp.CohortsClient, Depends(get_client)]
 
 
+def client_from_environment() -> amp.CohortsClient:
+    """Keys (and AMPLITUDE_BASE_URL) from the environment; with AMPLITUDE_LIMITS_URL set, the
+    limits are shared on that Redis with every other worker process of the app."""
+    url = os.environ.get("AMPLITUDE_LIMITS_URL")
+    if url:
+        from amp_cohorts_async.redis import RedisLimits
+
+        return amp.CohortsClient(limits_backend=RedisLimits.from_url(url))
+    return amp.CohortsClient()
+
+
 def create_app(
-    make_client: Callable[[], amp.CohortsClient] = amp.CohortsClient,
+    make_client: Callable[[], amp.CohortsClient] = client_from_environment,
     download_dir: str | pathlib.Path = "downloads",
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.Path(download_dir).mkdir(parents=True, exist_ok=True)
-        async with make_client() as client, anyio.create_task_group() as tasks:
-            app.state.client = client
-            app.state.tasks = tasks
-            app.state.jobs = {}
-            yield
-            tasks.cancel_scope.cancel()  # shutting down: stop downloads, leave no partial file
+        client = make_client()
+        try:
+            async with client, anyio.create_task_group() as tasks:
+                app.state.client = client
+                app.state.tasks = tasks
+                app.state.jobs = {}
+                yield
+                tasks.cancel_scope.cancel()  # shutting down: stop downloads, no partial file
+        finally:
+            await client.scheduler.backend.aclose()  # the Redis connections, if shared
 
     app = FastAPI(lifespan=lifespan)
 
@@ -107,7 +129,7 @@ def create_app(
 
 
 def _app_from_environment() -> FastAPI:
-    return create_app()
+    return create_app(client_from_environment)
 
 
 app = _app_from_environment()

@@ -67,3 +67,18 @@ async def test_shutdown_cancels_downloads_and_leaves_no_partial_file(
             await http.post("/downloads/large")
             await anyio.sleep(10)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_workers_share_limits_when_a_limits_url_is_set(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    from fastapi_app import client_from_environment
+
+    from amp_cohorts_async.redis import RedisLimits
+
+    monkeypatch.setenv("AMPLITUDE_API_KEY", "k")
+    monkeypatch.setenv("AMPLITUDE_SECRET_KEY", "s")
+    monkeypatch.delenv("AMPLITUDE_LIMITS_URL", raising=False)
+    assert isinstance(client_from_environment().scheduler.backend, amp.InMemoryLimits)
+    monkeypatch.setenv("AMPLITUDE_LIMITS_URL", redis_url)
+    assert isinstance(client_from_environment().scheduler.backend, RedisLimits)

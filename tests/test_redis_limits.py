@@ -7,6 +7,7 @@ redis-server started for the run); windows are scaled down to fractions of a sec
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import anyio
 import anyio.abc
@@ -25,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import amp_cohorts_async as amp
+from amp_cohorts_async._scheduler import RequestKind
 from amp_cohorts_async.redis import RedisLimits
 from amp_cohorts_async.testing import FakeAmplitude
 
@@ -128,17 +131,11 @@ async def test_a_held_exchange_keeps_its_lease(redis_url: str) -> None:
                 fake.api_key, fake.secret_key, base_url=base_url, limits_backend=limits,
                 limits=amp.Limits(max_concurrent_requests=1),
             ) as client:
-                async with client.scheduler.exchange(amp_kind_other()):
+                async with client.scheduler.exchange(RequestKind.OTHER):
                     await anyio.sleep(1.3)  # more than twice the TTL, renewed meanwhile
                     assert await limits.acquire(slot()) == amp.PermitWait(math.inf, "slots")
                 assert client.scheduler.leases_lost == 0
                 await client.list_cohorts()
-
-
-def amp_kind_other() -> object:
-    from amp_cohorts_async._scheduler import RequestKind
-
-    return RequestKind.OTHER
 
 
 async def test_apps_are_kept_apart_and_no_key_is_stored(redis_url: str) -> None:
@@ -344,3 +341,33 @@ async def test_per_process_limits_break_the_account_limits(tmp_path: pathlib.Pat
     assert len(fake.violations) > 0
 
 
+
+
+async def test_the_command_line_shares_limits_through_limits_url(
+    redis_url: str, tmp_path: pathlib.Path
+) -> None:
+    """Two amp-cohorts processes with --limits-url / AMPLITUDE_LIMITS_URL share one budget."""
+    import redis.asyncio as aioredis
+
+    with FakeAmplitude(job_duration=0.2, api_key=f"key-{uuid.uuid4().hex}") as fake:
+        fake.add_cohort("a", size=5)
+        fake.add_cohort("b", size=5)
+        async with fake.serve() as base_url:
+            env = {**os.environ, "AMPLITUDE_API_KEY": fake.api_key,
+                   "AMPLITUDE_SECRET_KEY": fake.secret_key}
+            command = [sys.executable, "-m", "amp_cohorts_async", "download", "--base-url",
+                       base_url, "--poll-interval", "0.1"]
+            async with anyio.create_task_group() as group:
+                group.start_soon(lambda: anyio.run_process(
+                    [*command, "a", "-o", str(tmp_path / "a"), "--limits-url", redis_url],
+                    env=env))
+                group.start_soon(lambda: anyio.run_process(
+                    [*command, "b", "-o", str(tmp_path / "b")],
+                    env={**env, "AMPLITUDE_LIMITS_URL": redis_url}))
+    assert (tmp_path / "a" / "a.csv").exists()
+    assert (tmp_path / "b" / "b.csv").exists()
+    namespace = hashlib.sha256(fake.api_key.encode()).hexdigest()[:16]
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    async with redis:
+        month = datetime.now(UTC).strftime("%Y-%m")
+        assert await redis.get(f"amp-cohorts:{{{namespace}}}:quota:{month}") == "2"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -26,9 +27,15 @@ from .._exceptions import (
     QuotaExceededError,
     RateLimitError,
 )
+from .._limits import LimitsBackend
 from .._models import IdType, MembershipIdType
 from ._commands import COMMANDS
 from ._demo import run_demo
+
+try:  # the shared limits need the optional redis extra
+    from ..redis import RedisLimits
+except ModuleNotFoundError:  # pragma: no cover - depends on what is installed
+    RedisLimits = None  # type: ignore[assignment, misc]
 
 __all__ = ("build_parser", "main")
 
@@ -45,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--region", choices=sorted(REGIONS), default="us")
     common.add_argument("--base-url", help="Amplitude origin override (proxies, the emulator)")
+    common.add_argument("--limits-url", metavar="URL",
+                        help="share the account's limits with other processes and hosts "
+                             "through this Redis (redis://host:6379/0); default: "
+                             "AMPLITUDE_LIMITS_URL, else this process only")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -113,12 +124,29 @@ def _exit_code(error: AmplitudeError) -> int:
     return 1
 
 
+def limits_backend(url: str | None) -> LimitsBackend | None:
+    """The shared limits named by ``--limits-url`` / AMPLITUDE_LIMITS_URL, if any."""
+    url = url or os.environ.get("AMPLITUDE_LIMITS_URL") or None
+    if url is None:
+        return None
+    if RedisLimits is None:
+        raise InvalidRequestError("--limits-url needs redis-py: "
+                                  "pip install 'amp-cohorts-async[redis]'")
+    return RedisLimits.from_url(url)
+
+
 async def run(args: argparse.Namespace, out: IO[str]) -> int:
     if args.command == "demo":
         return await run_demo(pathlib.Path(args.output), out)
     poll = PollPolicy(initial_interval=getattr(args, "poll_interval", 2.0))
-    async with CohortsClient(region=args.region, base_url=args.base_url, poll=poll) as client:
-        return await COMMANDS[args.command](client, args, out)
+    backend = limits_backend(args.limits_url)
+    try:
+        async with CohortsClient(region=args.region, base_url=args.base_url, poll=poll,
+                                 limits_backend=backend) as client:
+            return await COMMANDS[args.command](client, args, out)
+    finally:
+        if backend is not None:
+            await backend.aclose()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

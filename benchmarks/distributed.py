@@ -1,0 +1,234 @@
+"""Shared limits on Redis: round trips per grant, grant latency, and a 4-process batch.
+
+    python benchmarks/distributed.py [--runs 5] [--redis-url redis://...]
+
+Starts its own redis-server on a free loopback port unless --redis-url is given.
+
+1. Redis round trips per granted request, uncontended: plain calls (list, poll, file) and
+   cohort requests, and over a whole batch (all exchanges of 20 downloads).
+2. Grant latency p50/p99 of one permit (acquire + release around an empty exchange), Redis
+   against the in-memory backend, medians of alternating runs.
+3. Makespan / lower bound of 4 processes x 50 cohorts sharing the limits, in time scaled by
+   1/60 (60 per 10 s, 4 per 1 s, 5 concurrent; jobs 0.33-2 s), against the emulator served on
+   loopback; the lower bound is the earliest start schedule the windows allow with the longest
+   jobs first, plus each job's duration. Violations and 429s are counted by the emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+import amp_cohorts_async as amp
+from amp_cohorts_async._scheduler import RequestKind
+from amp_cohorts_async.redis import RedisLimits
+from amp_cohorts_async.testing import FakeAmplitude
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from scheduler import earliest_starts
+
+SCALE = 1 / 60
+SCALED = amp.Limits(
+    cohort_requests=tuple(amp.RateWindow(w.max_requests, w.seconds * SCALE)
+                          for w in amp.Limits().cohort_requests),
+    monthly_quota=None,
+)
+POLL = amp.PollPolicy(initial_interval=0.1, max_interval=0.5)
+
+
+class CountingRedisLimits(RedisLimits):
+    """RedisLimits that counts its round trips to Redis."""
+
+    round_trips = 0
+
+    async def _run(self, *args: Any) -> Any:
+        self.round_trips += 1
+        return await super()._run(*args)
+
+    async def quota_used(self, month: str) -> int:
+        self.round_trips += 1
+        return await super().quota_used(month)
+
+
+@contextlib.contextmanager
+def redis_server(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server is not installed (apt-get install redis-server), or pass "
+                 "--redis-url")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+# -- 1. round trips -----------------------------------------------------------------------------
+
+async def round_trips(url: str) -> None:
+    print("1. Redis round trips per granted request (uncontended)")
+    limits = amp.Limits(cohort_requests=(amp.RateWindow(1000, 1.0),), monthly_quota=None)
+    with FakeAmplitude(limits=limits) as fake:
+        ids = [fake.add_cohort(f"c{i}", size=random.Random(i).choice((10, 3000))).id
+               for i in range(20)]
+        async with CountingRedisLimits.from_url(url, namespace=uuid.uuid4().hex) as backend:
+            assert isinstance(backend, CountingRedisLimits)
+            async with amp.CohortsClient(fake.api_key, fake.secret_key, limits=limits,
+                                         transport=fake.transport(), limits_backend=backend,
+                                         poll=amp.PollPolicy(initial_interval=0.01)) as client:
+                for name, call in (("list_cohorts", client.list_cohorts),
+                                   ("request_cohort", lambda: client.request_cohort("c0"))):
+                    before = backend.round_trips
+                    for _ in range(100):
+                        await call()
+                    print(f"   {name:16} {(backend.round_trips - before) / 100:.2f}")
+                before, exchanges = backend.round_trips, len(fake.log)
+                with tempfile.TemporaryDirectory() as directory:
+                    await client.download_cohorts(ids, directory)
+                amplitude = sum(1 for e in fake.log[exchanges:] if e.host == "amplitude")
+                print(f"   batch of 20      {(backend.round_trips - before) / amplitude:.2f} "
+                      f"per exchange with Amplitude ({amplitude} exchanges, incl. the usage "
+                      f"check)")
+
+
+# -- 2. grant latency -------------------------------------------------------------------------
+
+async def grant_latencies(backend: amp.LimitsBackend, count: int) -> list[float]:
+    async with amp.CohortsClient("k", "s", limits_backend=backend) as client:
+        samples = []
+        for _ in range(count):
+            started = time.perf_counter()
+            async with client.scheduler.exchange(RequestKind.OTHER):
+                pass
+            samples.append(time.perf_counter() - started)
+        return samples
+
+
+async def latency(url: str, runs: int) -> None:
+    print("2. grant latency of one permit (acquire + release), medians of alternating runs")
+    p50: dict[str, list[float]] = {"memory": [], "redis": []}
+    p99: dict[str, list[float]] = {"memory": [], "redis": []}
+    for _ in range(runs):
+        for name in ("memory", "redis"):
+            if name == "memory":
+                samples = await grant_latencies(amp.InMemoryLimits(), 2000)
+            else:
+                async with RedisLimits.from_url(url, namespace=uuid.uuid4().hex) as backend:
+                    await grant_latencies(backend, 50)  # scripts loaded, connection open
+                    samples = await grant_latencies(backend, 2000)
+            cuts = statistics.quantiles(samples, n=100)
+            p50[name].append(cuts[49])
+            p99[name].append(cuts[98])
+    for name in ("memory", "redis"):
+        print(f"   {name:7} p50 {statistics.median(p50[name]) * 1e6:8.1f} us   "
+              f"p99 {statistics.median(p99[name]) * 1e6:8.1f} us")
+    print(f"   redis / memory: p50 {statistics.median(p50['redis']) / statistics.median(p50['memory']):.1f}x, "
+          f"p99 {statistics.median(p99['redis']) / statistics.median(p99['memory']):.1f}x")
+
+
+# -- 3. four processes --------------------------------------------------------------------------
+
+async def worker(base_url: str, url: str, namespace: str, ids: list[str]) -> None:
+    async with RedisLimits.from_url(url, namespace=namespace) as backend, amp.CohortsClient(
+        "test-api-key", "test-secret-key", base_url=base_url, limits=SCALED,
+        limits_backend=backend, poll=POLL,
+    ) as client:
+        wanted = set(ids)
+        cohorts = [c for c in await client.list_cohorts() if c.id in wanted]
+        print("ready", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)
+        with tempfile.TemporaryDirectory() as directory:
+            outcomes = await client.download_cohorts(cohorts, directory)
+        print(json.dumps({"ok": sum(o.ok for o in outcomes)}), flush=True)
+
+
+async def four_processes(url: str, seed: int) -> tuple[float, int, int, int]:
+    rng = random.Random(seed)
+    durations = [rng.uniform(20.0, 120.0) * SCALE for _ in range(200)]
+    with FakeAmplitude(limits=SCALED, job_duration=lambda c: durations[int(c.id[1:])],
+                       latency=(0.001, 0.005), seed=seed) as fake:
+        for i, duration in enumerate(durations):
+            fake.add_cohort(f"c{i:03d}", size=int(duration * 100))
+        ids = list(fake.cohorts)
+        namespace = uuid.uuid4().hex
+        async with fake.serve() as base_url:
+            processes = [await anyio.open_process(
+                [sys.executable, __file__, "worker", base_url, url, namespace, *ids[i::4]])
+                for i in range(4)]
+            readers = [BufferedByteReceiveStream(p.stdout) for p in processes if p.stdout]
+            for reader in readers:
+                await reader.receive_until(b"\n", 1 << 16)
+            started = time.monotonic()
+            for process in processes:
+                assert process.stdin is not None
+                await process.stdin.send(b"go\n")
+            done = [json.loads(await r.receive_until(b"\n", 1 << 16))["ok"] for r in readers]
+            makespan = time.monotonic() - started
+            for process in processes:
+                await process.wait()
+                await process.aclose()
+    starts = earliest_starts(200, SCALED.cohort_requests)
+    bound = max(s + d for s, d in zip(starts, sorted(durations, reverse=True), strict=True))
+    rate_limited = sum(1 for e in fake.log if e.status == 429)
+    return makespan / bound, len(fake.violations), rate_limited, sum(done)
+
+
+async def batch(url: str, runs: int) -> None:
+    print("3. 4 processes x 50 cohorts, limits scaled by 1/60, makespan / lower bound")
+    ratios = []
+    for seed in range(runs):
+        ratio, violations, rate_limited, ok = await four_processes(url, seed)
+        ratios.append(ratio)
+        print(f"   run {seed}: {ratio:.4f}  ({ok}/200 ok, {violations} violations, "
+              f"{rate_limited} answered 429)", flush=True)
+    print(f"   median {statistics.median(ratios):.4f}, max {max(ratios):.4f}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        base_url, url, namespace, *ids = sys.argv[2:]
+        anyio.run(worker, base_url, url, namespace, ids)
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--redis-url")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    with redis_server(args.redis_url) as url:
+        anyio.run(round_trips, url)
+        anyio.run(latency, url, args.runs)
+        anyio.run(batch, url, args.runs)
+
+
+if __name__ == "__main__":
+    main()
