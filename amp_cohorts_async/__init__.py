@@ -30,7 +30,7 @@ from ._limits import (
     PermitWait,
     Settlement,
 )
-from ._members import iter_members
+from ._members import MemberBatch, iter_member_batches, iter_members
 from ._models import (
     Cohort,
     CohortOutcome,
@@ -67,6 +67,7 @@ __all__ = (
     "Limits",
     "LimitsBackend",
     "LimitsBackendError",
+    "MemberBatch",
     "MembershipChange",
     "MembershipIdType",
     "MembershipOutcome",
@@ -91,6 +92,7 @@ __all__ = (
     "TransportError",
     "UploadResult",
     "Usage",
+    "iter_member_batches",
     "iter_members",
 )
 

@@ -163,7 +163,7 @@ class CohortsClient:
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollPolicy()
         self.download = download or DownloadPolicy()
-        self._http, self._owns_http = http_client_for(
+        self._http, self._owns_http, blocking = http_client_for(
             http_client, transport, self.limits.max_concurrent_requests
         )
         if limits_backend is not None and not isinstance(limits_backend, LimitsBackend):
@@ -179,7 +179,7 @@ class CohortsClient:
             wall_clock=wall_clock or (lambda: datetime.now(UTC)),
             rng=rng,
         )
-        boundary = HttpBoundary(self._http, base, credentials, self.download)
+        boundary = HttpBoundary(self._http, base, credentials, self.download, blocking)
         self._api = Api(boundary, Sender(boundary, self._scheduler, self.retry, rng),
                         self._scheduler)
         self._downloader = Downloader(self._api, self._scheduler, self.poll, rng)

@@ -23,6 +23,7 @@ from ._exceptions import DownloadError, InvalidRequestError
 
 __all__ = ("AtomicWriter", "resolve_target", "safe_filename")
 
+READ_SIZE = 1 << 20  # one blocking read of the threaded S3 leg
 BATCH_BYTES = 4 << 20  # per worker-thread call: few GIL hand-offs, memory bounded at ~4 batches
 
 _INFLATE_PIECE = 4 << 20
@@ -94,9 +95,9 @@ class AtomicWriter:
         self._gunzip: Any = None
         self._head: bytes | None = b""  # the first line while it arrives; None once checked
 
-    def _check_head(self, data: bytes, *, final: bool = False) -> None:
+    def _check_head(self, data: bytes | memoryview, *, final: bool = False) -> None:
         assert self._head is not None
-        head = self._head + data[: _HEADER_LIMIT]
+        head = self._head + bytes(data[: _HEADER_LIMIT])
         line, newline, _rest = head.partition(b"\n")
         if not newline and not final and len(head) < _HEADER_LIMIT:
             self._head = head
@@ -113,14 +114,16 @@ class AtomicWriter:
         Counting here, in the thread, keeps them true even when the awaiting task is cancelled
         after the write: the resume offset is always exactly what the file holds.
         """
-        assert self._file is not None
-        raw = b"".join(chunks)
         # Few large calls: each gives up the GIL and must win it back from the event loop's
         # thread, so per-chunk calls would spend more time waiting than hashing.
+        self._write_raw(b"".join(chunks), gunzip)
+
+    def _write_raw(self, raw: bytes | memoryview, gunzip: Any) -> None:
+        assert self._file is not None
         if gunzip is None:
             self._write_tail(raw)
         else:
-            pending = raw
+            pending: bytes | memoryview = raw
             allowed = (self.raw_bytes + len(raw)) * self.max_gzip_ratio + _INFLATE_SLACK
             while pending:  # inflate in bounded pieces: a 4 MiB gzip batch can hold 40 MiB
                 self._write_tail(gunzip.decompress(pending, _INFLATE_PIECE))
@@ -132,7 +135,26 @@ class AtomicWriter:
                     )
         self.raw_bytes += len(raw)
 
-    def _write_tail(self, data: bytes) -> None:
+    def pump_blocking(self, read_into: Callable[[memoryview], int]) -> int:
+        """Blocking, in a worker thread: the whole body through one reused 1 MiB buffer.
+
+        Each read is written, hashed and counted from the same memory, in this thread, so the
+        event loop does no per-chunk work at all; ``raw_bytes`` is the progress counter.
+        Returns how many bytes arrived.
+        """
+        buffer = memoryview(bytearray(READ_SIZE))
+        received = 0
+        try:
+            while count := read_into(buffer):
+                self._write_raw(buffer[:count], self._gunzip)
+                received += count
+        except zlib.error as exc:
+            raise DownloadError(f"corrupt gzip body: {exc}") from None
+        except OSError as exc:
+            raise DownloadError(f"cannot write {self.target}: {exc.strerror or exc}") from None
+        return received
+
+    def _write_tail(self, data: bytes | memoryview) -> None:
         assert self._file is not None
         if data:
             if self._head is not None:

@@ -10,6 +10,7 @@ import base64
 import email.utils
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from ._exceptions import (
 )
 from ._redact import install_log_redaction, redact, redact_url
 from ._redirects import check_download_url
+from ._s3_leg import BlockingGetter
 
 __all__ = (
     "Credentials",
@@ -41,6 +43,7 @@ __all__ = (
     "http_client_for",
     "parse_json",
     "parse_retry_after",
+    "status_error_from",
 )
 
 logger = logging.getLogger("amp_cohorts_async")
@@ -70,8 +73,13 @@ class Credentials:
 
 def http_client_for(
     http_client: Any, transport: Any, max_connections: int
-) -> tuple[httpx.AsyncClient, bool]:
-    """The httpx client to use and whether we own it (checked: a wrong type fails here)."""
+) -> tuple[httpx.AsyncClient, bool, BlockingGetter | None]:
+    """The httpx client to use, whether we own it, and the threaded S3 leg's opener.
+
+    Only a client we build ourselves, on a real network transport, gets the threaded S3 leg,
+    sharing that client's TLS context; a borrowed client or an injected transport keeps every
+    transfer on itself, so whatever it was configured with (verify, proxies, mocks) holds.
+    """
     if http_client is not None and transport is not None:
         raise InvalidRequestError("pass either http_client or transport, not both")
     if http_client is not None:
@@ -79,16 +87,24 @@ def http_client_for(
             raise InvalidRequestError(
                 f"http_client must be an httpx.AsyncClient, got {type(http_client).__name__}"
             )
-        return http_client, False
+        return http_client, False, None
     if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
         raise InvalidRequestError(
             f"transport must be an httpx.AsyncBaseTransport, got {type(transport).__name__}"
         )
-    return default_http_client(max_connections, transport), True
+    if transport is not None:
+        return default_http_client(max_connections, transport), True, None
+    # One TLS context for both legs: verification as httpx does it (certifi, or SSL_CERT_FILE
+    # / SSL_CERT_DIR from the environment).
+    context = httpx.create_ssl_context(verify=True, trust_env=True)
+    client = default_http_client(max_connections, None, verify=context)
+    return client, True, BlockingGetter(context, timeout=60.0, trust_env=True)
 
 
 def default_http_client(
-    max_connections: int, transport: httpx.AsyncBaseTransport | None
+    max_connections: int,
+    transport: httpx.AsyncBaseTransport | None,
+    verify: ssl.SSLContext | bool = True,
 ) -> httpx.AsyncClient:
     """The client a CohortsClient owns when none is borrowed.
 
@@ -97,6 +113,7 @@ def default_http_client(
     """
     return httpx.AsyncClient(
         transport=transport,
+        verify=verify,
         timeout=httpx.Timeout(connect=10.0, read=60.0, write=60.0, pool=None),
         limits=httpx.Limits(
             max_connections=max_connections * 2 + 8,
@@ -170,23 +187,35 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, Any]:
 
 def status_error(response: httpx.Response, body: bytes) -> APIStatusError:
     """The exception for an error response whose body has been read."""
+    return status_error_from(response.status_code, response.headers, body,
+                             _request_line(response.request), response=response)
+
+
+def status_error_from(
+    code: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    request_line: str,
+    *,
+    response: httpx.Response | None = None,
+) -> APIStatusError:
+    """The exception for an error status, its body and its (redacted) request line."""
     message, kind, metadata = _error_fields(body)
     if message is None:
         text = body.decode("utf-8", "replace").strip()
         if text.startswith("<") and "<Message>" in text:  # S3's XML errors
             text = text.split("<Message>", 1)[1].split("</Message>", 1)[0]
-        message = text[:300] or response.reason_phrase or "no message"
+        message = text[:300] or httpx.codes.get_reason_phrase(code) or "no message"
     message = redact(message)
     fields: dict[str, Any] = {
-        "status_code": response.status_code,
+        "status_code": code,
         "type": kind,
         "metadata": metadata,
         "response": response,
-        "request_line": _request_line(response.request),
+        "request_line": request_line,
     }
-    code = response.status_code
     if code == 429:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        retry_after = parse_retry_after(headers.get("Retry-After") or headers.get("retry-after"))
         return RateLimitError(message, retry_after=retry_after, **fields)
     if code in (401, 403):
         return AuthenticationError(message, **fields)
@@ -222,9 +251,12 @@ class HttpBoundary:
         base_url: str,
         credentials: Credentials,
         download_policy: DownloadPolicy,
+        blocking: BlockingGetter | None = None,
     ) -> None:
         install_log_redaction()
         self.http = http
+        #: Opens presigned URLs from a worker thread (the fast S3 leg), or None: async only.
+        self.blocking = blocking
         self.base_url = httpx.URL(base_url)
         self.download_policy = download_policy
         self._loopback_origin = is_loopback(self.base_url.host)
@@ -269,6 +301,10 @@ class HttpBoundary:
             # httpx parses a redirect's Location even when it does not follow it.
             raise DownloadError(f"unusable redirect Location: {redact(str(exc))}") from None
 
+    def check_external(self, url: str) -> None:
+        """DownloadError unless the download policy lets ``url`` be fetched (no connection)."""
+        check_download_url(url, self.download_policy, loopback_origin=self._loopback_origin)
+
     async def send_external(
         self, url: str, headers: Mapping[str, str] | None = None
     ) -> httpx.Response:
@@ -279,7 +315,7 @@ class HttpBoundary:
         carries (default headers, cookies, ``auth=``) can ride along; S3 answers a request with
         two auth mechanisms with 400.
         """
-        check_download_url(url, self.download_policy, loopback_origin=self._loopback_origin)
+        self.check_external(url)
         try:
             request = httpx.Request("GET", url, headers=dict(headers or {}))
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, TypeError, ValueError) as exc:

@@ -33,6 +33,7 @@ from typing import TypeVar
 import anyio
 import attrs
 
+from ._background import alongside
 from ._config import Limits
 from ._exceptions import AmplitudeError
 from ._limits import (
@@ -303,19 +304,8 @@ class Scheduler:
                 await anyio.sleep(ttl / 3)
                 self._report_lost(await self._call(self.backend.renew(permits)))
 
-        # The body's own exception is carried past the task group, so that it reaches the
-        # caller as itself rather than wrapped in an exception group.
-        failure: BaseException | None = None
-        async with anyio.create_task_group() as group:
-            group.start_soon(renew)
-            try:
-                yield
-            except BaseException as exc:
-                failure = exc
-            finally:
-                group.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
+        async with alongside(renew):
+            yield
 
     @asynccontextmanager
     async def exchange(

@@ -11,13 +11,20 @@ are intact.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import pathlib
 import re
+from collections.abc import Mapping
+from typing import NoReturn
+
+import anyio
 
 from ._api import Api
+from ._background import alongside
 from ._events import Progress
 from ._exceptions import (
+    APIStatusError,
     DownloadError,
     IncompleteBodyError,
     LinkExpiredError,
@@ -25,8 +32,10 @@ from ._exceptions import (
     TransportError,
 )
 from ._files import AtomicWriter
-from ._http import HttpBoundary, Response, status_error
+from ._http import HttpBoundary, Response, status_error, status_error_from
 from ._models import DownloadResult
+from ._redact import redact_url
+from ._s3_leg import BlockingGetter, Leg, run_abortable
 
 __all__ = ("fetch_file",)
 
@@ -92,56 +101,109 @@ class _Transfer:
 
     async def _fetch_presigned(self, url: str) -> None:
         boundary = self.api.boundary
+        if boundary.blocking is not None:
+            await self._fetch_presigned_in_thread(url, boundary.blocking)
+            return
         response = await boundary.send_external(url, self._range())
         try:
             if response.status_code >= 400:
-                error = status_error(response, await _error_body(boundary, response))
-                if response.status_code == 403:
-                    # Expired (or otherwise refused) link: /file hands out a fresh one.
-                    raise LinkExpiredError(f"presigned link refused: {error.message}")
-                if response.status_code < 500 and response.status_code != 408:
-                    raise DownloadError(f"S3 refused the download: {error}")
-                raise error
+                _refused(status_error(response, await _error_body(boundary, response)))
             await self._stream_body(response)
         finally:
             await response.aclose()
 
+    async def _fetch_presigned_in_thread(self, url: str, getter: BlockingGetter) -> None:
+        """The S3 leg in one worker thread (see ``_s3_leg``); the loop reports progress."""
+        self.api.boundary.check_external(url)
+        leg = Leg()
+        try:
+            status, headers = await run_abortable(
+                lambda: getter.open(url, self._range(), leg), leg)
+            if status >= 400:
+                assert leg.response is not None
+                response = leg.response
+                body = await run_abortable(lambda: _read_error(response), leg)
+                _refused(status_error_from(status, headers, body, f"GET {redact_url(url)}"))
+            expected, bytes_total, encoding = await self._begin_body(status, headers)
+            async with alongside(lambda: self._report_every(0.25, bytes_total)):
+                received = await run_abortable(
+                    lambda: self.writer.pump_blocking(leg.read_into), leg)
+            await self._end_body(received, expected, bytes_total, encoding)
+        finally:
+            leg.close()  # a socket close, quick; on the loop so a cancellation cannot skip it
+
+    async def _report_every(self, seconds: float, bytes_total: int | None) -> None:
+        while True:
+            await anyio.sleep(seconds)
+            self.progress.emit("downloading", bytes_done=self.writer.raw_bytes,
+                               bytes_total=bytes_total)
+
     async def _stream_body(self, response: Response) -> None:
         """Append a 200/206 body to the writer; raise IncompleteBodyError if it ends short."""
+        expected, bytes_total, encoding = await self._begin_body(response.status_code,
+                                                                 response.headers)
         writer = self.writer
-        media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if media_type in _NOT_AN_EXPORT:
-            raise DownloadError(f"the answer is {media_type}, not a cohort export")
-        encoding = response.headers.get("Content-Encoding", "").strip().lower() or None
-        if response.status_code == 206:
-            start, end, total = _content_range(response)
-            if start != writer.raw_bytes:
-                await writer.restart(encoding)
-                raise IncompleteBodyError("server resumed at the wrong offset; restarting")
-            expected: int | None = end - start + 1
-            bytes_total = total
-        elif response.status_code == 200:
-            if writer.raw_bytes:
-                await writer.restart(encoding)  # the server ignored Range: start over
-            else:
-                writer.start_representation(encoding)
-            length = response.headers.get("Content-Length")
-            expected = int(length) if length and length.isdigit() else None
-            bytes_total = expected
-        else:
-            raise DownloadError(f"unexpected HTTP {response.status_code} for the cohort file")
 
         def report() -> None:
             self.progress.emit("downloading", bytes_done=writer.raw_bytes,
                                bytes_total=bytes_total)
 
         received = await writer.pump(self.api.boundary.iter_raw(response), report)
+        await self._end_body(received, expected, bytes_total, encoding)
+
+    async def _begin_body(
+        self, status: int, headers: Mapping[str, str]
+    ) -> tuple[int | None, int | None, str | None]:
+        """Check a 200/206 answer against what the writer holds, preparing it for the body.
+
+        Returns (bytes this body should carry, the whole file's size, content encoding).
+        """
+        writer = self.writer
+        media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
+        if media_type in _NOT_AN_EXPORT:
+            raise DownloadError(f"the answer is {media_type}, not a cohort export")
+        encoding = (headers.get("content-encoding") or "").strip().lower() or None
+        if status == 206:
+            start, end, total = _content_range(headers.get("content-range") or "")
+            if start != writer.raw_bytes:
+                await writer.restart(encoding)
+                raise IncompleteBodyError("server resumed at the wrong offset; restarting")
+            return end - start + 1, total, encoding
+        if status == 200:
+            if writer.raw_bytes:
+                await writer.restart(encoding)  # the server ignored Range: start over
+            else:
+                writer.start_representation(encoding)
+            length = headers.get("content-length")
+            expected = int(length) if length and length.isdigit() else None
+            return expected, expected, encoding
+        raise DownloadError(f"unexpected HTTP {status} for the cohort file")
+
+    async def _end_body(self, received: int, expected: int | None, bytes_total: int | None,
+                        encoding: str | None) -> None:
         if expected is not None and received < expected:
             raise IncompleteBodyError(f"body ended after {received} of {expected} bytes")
         if expected is not None and received > expected:
-            await writer.restart(encoding)
+            await self.writer.restart(encoding)
             raise IncompleteBodyError(f"body longer than Content-Length ({received} > {expected})")
-        report()
+        self.progress.emit("downloading", bytes_done=self.writer.raw_bytes,
+                           bytes_total=bytes_total)
+
+
+def _refused(error: APIStatusError) -> NoReturn:
+    """S3 said no: an expired link gets a fresh one from /file, other refusals end it."""
+    if error.status_code == 403:
+        raise LinkExpiredError(f"presigned link refused: {error.message}")
+    if error.status_code < 500 and error.status_code != 408:
+        raise DownloadError(f"S3 refused the download: {error}")
+    raise error
+
+
+def _read_error(response: http.client.HTTPResponse) -> bytes:
+    try:
+        return response.read(1 << 16)
+    except (OSError, http.client.HTTPException):
+        return b""
 
 
 async def _error_body(boundary: HttpBoundary, response: Response) -> bytes:
@@ -151,8 +213,8 @@ async def _error_body(boundary: HttpBoundary, response: Response) -> bytes:
         return b""
 
 
-def _content_range(response: Response) -> tuple[int, int, int | None]:
-    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+def _content_range(value: str) -> tuple[int, int, int | None]:
+    match = _CONTENT_RANGE.fullmatch(value.strip())
     if match is None:
         raise DownloadError("206 answer without a valid Content-Range")
     total = None if match.group(3) == "*" else int(match.group(3))

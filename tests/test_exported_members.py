@@ -10,10 +10,10 @@ API_MD_NAMES = {
     "AmplitudeError", "InvalidRequestError", "TransportError", "APIStatusError",
     "AuthenticationError", "NotFoundError", "RateLimitError", "ServerError",
     "ResponseValidationError", "QuotaExceededError", "CohortJobError", "DownloadError",
-    "iter_members",
+    "iter_members", "iter_member_batches", "MemberBatch", "LimitsBackend",
 }
 # Additions beyond API.md, documented in the README.
-EXTENSIONS = {"PartialWriteError", "DownloadPolicy", "LimitsBackend", "InMemoryLimits",
+EXTENSIONS = {"PartialWriteError", "DownloadPolicy", "InMemoryLimits",
               "LimitsBackendError", "Permit", "PermitRequest", "PermitWait", "Settlement"}
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import pathlib
 
 import anyio
@@ -11,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import amp_cohorts_async as amp
-from amp_cohorts_async.testing import FakeAmplitude
+from amp_cohorts_async.testing import FakeAmplitude, run_in_virtual_time
 
 from .conftest import FAST_POLL
 
@@ -113,32 +115,71 @@ async def test_round_trip_through_the_fake_with_props(tmp_path: pathlib.Path) ->
 field = st.text(alphabet=st.sampled_from(list('ab ,"\n\r\t\u00e9')), max_size=6)
 
 
-@settings(max_examples=120, deadline=None)
-@given(rows=st.lists(st.lists(field, min_size=3, max_size=3), max_size=30),
-       batch=st.integers(1, 200), crlf=st.booleans())
-def test_matches_the_csv_module_on_any_content(
-    rows: list[list[str]], batch: int, crlf: bool, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    import csv
-    import io
-
-    from amp_cohorts_async import _members
-    from amp_cohorts_async.testing import run_in_virtual_time
-
+def _csv_file(rows: list[list[str]], crlf: bool, directory: pathlib.Path) -> tuple[
+        pathlib.Path, str]:
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\r\n" if crlf else "\n")
     writer.writerow(["amplitude_id", "user_id", "city"])
     writer.writerows(rows)
-    path = tmp_path_factory.mktemp("m") / "c.csv"
+    path = directory / "c.csv"
     path.write_text(buffer.getvalue(), encoding="utf-8", newline="")
-    expected = list(csv.DictReader(io.StringIO(buffer.getvalue(), newline="")))
+    return path, buffer.getvalue()
+
+
+def _looks_grouped(rows: list[list[str]]) -> bool:
     first = [v for v in rows[0] if v] if rows else []
-    if first and all(v[:1] == "\t" for v in first):
+    return bool(first) and all(v[:1] == "\t" for v in first)
+
+
+@settings(max_examples=120, deadline=None)
+@given(rows=st.lists(st.lists(field, min_size=3, max_size=3), max_size=30), crlf=st.booleans())
+def test_matches_the_csv_module_on_any_content(
+    rows: list[list[str]], crlf: bool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path, text = _csv_file(rows, crlf, tmp_path_factory.mktemp("m"))
+    if _looks_grouped(rows):
         return  # a first row that looks like a group cohort's is stripped on purpose
-    previous = _members._BATCH_BYTES
-    _members._BATCH_BYTES = batch
-    try:
-        got = run_in_virtual_time(lambda: rows_of(path))
-    finally:
-        _members._BATCH_BYTES = previous
+    expected = list(csv.DictReader(io.StringIO(text, newline="")))
+    got = run_in_virtual_time(lambda: rows_of(path))
     assert got == [dict(r) for r in expected]
+
+
+@settings(max_examples=120, deadline=None)
+@given(rows=st.lists(st.lists(field, min_size=3, max_size=3), max_size=30),
+       batch_rows=st.integers(1, 40), crlf=st.booleans(), compressed=st.booleans())
+def test_batches_equal_csv_reader_on_any_content(
+    rows: list[list[str]], batch_rows: int, crlf: bool, compressed: bool,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    path, text = _csv_file(rows, crlf, tmp_path_factory.mktemp("b"))
+    if compressed:
+        path.write_bytes(gzip.compress(text.encode()))
+    reference = [row for row in csv.reader(io.StringIO(text, newline="")) if row]
+    if _looks_grouped(reference[1:]):
+        reference = [reference[0]] + [[v[1:] if v[:1] == "\t" else v for v in row]
+                                      for row in reference[1:]]
+
+    async def batches() -> list[amp.MemberBatch]:
+        return [b async for b in amp.iter_member_batches(path, batch_rows=batch_rows)]
+
+    got = run_in_virtual_time(batches)
+    assert all(batch.columns == tuple(reference[0]) for batch in got)
+    assert all(1 <= len(batch.rows) <= batch_rows for batch in got)
+    assert [row for batch in got for row in batch.rows] == reference[1:]
+
+
+async def test_group_batches_are_cleaned(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "g.csv"
+    path.write_text('"group_id","group_name"\n"\t17","\tacme"\n"\t18","\tglobex"\n')
+    batches = [b async for b in amp.iter_member_batches(path, batch_rows=1)]
+    assert batches == [amp.MemberBatch(("group_id", "group_name"), [["17", "acme"]]),
+                       amp.MemberBatch(("group_id", "group_name"), [["18", "globex"]])]
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "10", 10**7])
+async def test_bad_batch_sizes(tmp_path: pathlib.Path, bad: object) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text(FILE)
+    with pytest.raises(amp.InvalidRequestError):
+        async for _ in amp.iter_member_batches(path, batch_rows=bad):  # type: ignore[arg-type]
+            pass

@@ -14,6 +14,7 @@ import hmac
 import json
 import random
 import secrets
+import ssl
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -314,12 +315,15 @@ class FakeAmplitude:
         return FakeTransport(self)
 
     @asynccontextmanager
-    async def serve(self, host: str = "127.0.0.1", port: int = 0,
-                    s3_port: int = 0) -> AsyncIterator[str]:
-        """Serve over real loopback sockets; yields the Amplitude base URL."""
+    async def serve(self, host: str = "127.0.0.1", port: int = 0, s3_port: int = 0,
+                    s3_tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+        """Serve over real loopback sockets; yields the Amplitude base URL.
+
+        ``s3_tls`` serves the S3 stand-in over https with that server context.
+        """
         from ._server import serve
 
-        async with serve(self, host, port, s3_port) as base_url:
+        async with serve(self, host, port, s3_port, s3_tls) as base_url:
             yield base_url
 
     async def handle(self, request: FakeRequest) -> FakeResponse:

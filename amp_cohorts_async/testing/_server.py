@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -98,9 +99,14 @@ async def _handle_connection(
 
 @asynccontextmanager
 async def serve(
-    fake: FakeAmplitude, host: str, port: int, s3_port: int
+    fake: FakeAmplitude, host: str, port: int, s3_port: int,
+    s3_tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[str]:
-    """Serve ``fake`` on loopback; yields the Amplitude base URL."""
+    """Serve ``fake`` on loopback; yields the Amplitude base URL.
+
+    ``s3_tls``: serve the S3 stand-in over https with this server context (for tests of the
+    client's certificate verification).
+    """
     connections: set[asyncio.Task[None]] = set()
 
     def handler(to_s3: bool) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
@@ -117,11 +123,11 @@ async def serve(
         return run
 
     api = await asyncio.start_server(handler(False), host, port, limit=_MAX_HEAD)
-    s3 = await asyncio.start_server(handler(True), host, s3_port, limit=_MAX_HEAD)
+    s3 = await asyncio.start_server(handler(True), host, s3_port, limit=_MAX_HEAD, ssl=s3_tls)
     api_port = api.sockets[0].getsockname()[1]
     s3_bound = s3.sockets[0].getsockname()[1]
     previous_origin = fake.s3_origin
-    fake.s3_origin = f"http://{host}:{s3_bound}"
+    fake.s3_origin = f"{'https' if s3_tls else 'http'}://{host}:{s3_bound}"
     try:
         yield f"http://{host}:{api_port}"
     finally:

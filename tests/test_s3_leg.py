@@ -1,0 +1,136 @@
+"""The S3 leg in a worker thread (clients that own their httpx client), over real sockets:
+cancellation stops the thread and leaves nothing, TLS verification holds, progress flows."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import random
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import anyio
+import httpx
+import pytest
+
+import amp_cohorts_async as amp
+from amp_cohorts_async.testing import FakeAmplitude
+
+POLL = amp.PollPolicy(initial_interval=0.05, max_interval=0.2)
+
+
+def threads_in_the_leg() -> list[str]:
+    """Threads whose stack is inside the blocking S3 leg right now."""
+    names = []
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name in ("pump_blocking", "read_into", "open"):
+                if "amp_cohorts_async" in frame.f_code.co_filename:
+                    names.append(frame.f_code.co_name)
+                    break
+            frame = frame.f_back  # type: ignore[assignment]
+    return names
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True)
+    yield str(cert), str(key)
+
+
+def server_context(certificate: tuple[str, str]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_cancelled_at_random_points_the_thread_stops_and_nothing_is_left(
+    tmp_path: pathlib.Path, seed: int
+) -> None:
+    with FakeAmplitude(inline_threshold=1024) as fake:
+        fake.add_cohort("big", size=60_000)
+        fake.inject("s3", "slow", delay=0.2)  # the first transfer takes ~2 s
+        async with fake.serve() as base_url, amp.CohortsClient(
+            fake.api_key, fake.secret_key, base_url=base_url, poll=POLL,
+        ) as client:
+            request = await client.request_cohort("big")
+            while not (await client.get_request_status(request.request_id)).done:
+                await anyio.sleep(0.02)
+            delay = random.Random(seed).uniform(0.05, 1.0)
+            started = time.monotonic()
+            with anyio.move_on_after(delay) as scope:
+                await client.download_file(request.request_id, tmp_path / "big.csv")
+            assert scope.cancelled_caught
+            assert time.monotonic() - started - delay < 0.5  # stopped, not waited out
+            assert threads_in_the_leg() == []  # the blocking read was stopped, not abandoned
+            assert list(tmp_path.iterdir()) == []
+            assert client.scheduler.gate.in_use == 0
+            result = await client.download_file(request.request_id, tmp_path / "big.csv")
+        assert hashlib.sha256(result.path.read_bytes()).hexdigest() == result.sha256
+        assert result.path.read_bytes() == fake.export_bytes(request.request_id)
+
+
+async def test_progress_flows_from_the_thread(tmp_path: pathlib.Path) -> None:
+    events: list[amp.ProgressEvent] = []
+    with FakeAmplitude(inline_threshold=1024, job_duration=0.05) as fake:
+        fake.add_cohort("big", size=60_000)
+        fake.inject("s3", "slow", delay=0.1, times=10)
+        async with fake.serve() as base_url, amp.CohortsClient(
+            fake.api_key, fake.secret_key, base_url=base_url, poll=POLL,
+        ) as client:
+            result = await client.download_cohort("big", tmp_path, on_progress=events.append)
+    downloading = [e.bytes_done for e in events if e.phase == "downloading"]
+    assert len(downloading) >= 3
+    assert downloading == sorted(downloading)
+    assert any(0 < done < result.size_bytes for done in downloading)  # during the transfer
+    assert downloading[-1] == result.size_bytes
+
+
+async def test_an_untrusted_certificate_is_refused(
+    tmp_path: pathlib.Path, certificate: tuple[str, str]
+) -> None:
+    with FakeAmplitude(inline_threshold=1024) as fake:
+        fake.add_cohort("big", size=3_000)
+        async with fake.serve(s3_tls=server_context(certificate)) as base_url, \
+                amp.CohortsClient(fake.api_key, fake.secret_key, base_url=base_url, poll=POLL,
+                                  retry=amp.RetryPolicy(max_attempts=2)) as client:
+            with pytest.raises(amp.DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.download_cohort("big", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert [e.status for e in fake.log if e.endpoint == "s3"] == []  # no request was made
+
+
+async def test_a_certificate_trusted_through_the_environment_is_accepted(
+    tmp_path: pathlib.Path, certificate: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])  # as httpx reads it (trust_env)
+    with FakeAmplitude(inline_threshold=1024) as fake:
+        fake.add_cohort("big", size=3_000)
+        async with fake.serve(s3_tls=server_context(certificate)) as base_url, \
+                amp.CohortsClient(fake.api_key, fake.secret_key, base_url=base_url,
+                                  poll=POLL) as client:
+            result = await client.download_cohort("big", tmp_path)
+    assert result.size_bytes > 3_000 * 10
+
+
+async def test_a_borrowed_client_keeps_its_own_verification(
+    tmp_path: pathlib.Path, certificate: tuple[str, str]
+) -> None:
+    trusting = ssl.create_default_context(cafile=certificate[0])
+    with FakeAmplitude(inline_threshold=1024) as fake:
+        fake.add_cohort("big", size=3_000)
+        async with fake.serve(s3_tls=server_context(certificate)) as base_url, \
+                httpx.AsyncClient(verify=trusting) as borrowed, \
+                amp.CohortsClient(fake.api_key, fake.secret_key, base_url=base_url,
+                                  poll=POLL, http_client=borrowed) as client:
+            result = await client.download_cohort("big", tmp_path)
+    assert result.size_bytes > 3_000 * 10
