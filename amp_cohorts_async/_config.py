@@ -109,13 +109,22 @@ class RetryPolicy:
 
 @attrs.frozen(kw_only=True)
 class PollPolicy:
-    """How an export job's status is polled, and how long a job may take."""
+    """How an export job's status is polled, and how long a job may take.
+
+    Intervals start at ``initial_interval`` and grow by ``multiplier`` up to ``max_interval``,
+    each with +/- ``jitter``; while the client is idle they stay at ``idle_interval``.
+    """
 
     initial_interval: float = attrs.field(default=2.0, validator=_positive)
     max_interval: float = attrs.field(default=30.0, validator=_positive)
     multiplier: float = attrs.field(default=1.5, validator=_positive)
     jitter: float = attrs.field(default=0.2, validator=_non_negative)
     deadline: float | None = attrs.field(default=3600.0, validator=_positive)
+    #: While the concurrency gate is idle (a free slot, nobody queued), the next poll comes
+    #: after at most this long: status polls cost no quota, so an idle client checks often
+    #: and sees a finished job soon; under load the intervals back off as above. ``None``:
+    #: always the growing interval.
+    idle_interval: float | None = attrs.field(default=2.0, validator=_positive)
 
     @jitter.validator
     def _check_jitter(self, _attribute: attrs.Attribute[float], value: float) -> None:

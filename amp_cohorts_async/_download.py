@@ -85,7 +85,10 @@ class Downloader:
         deadline = None if policy.deadline is None else started + policy.deadline
         interval = policy.initial_interval
         while True:
-            delay = interval * self.rng.uniform(1 - policy.jitter, 1 + policy.jitter)
+            wait = interval
+            if policy.idle_interval is not None and self.scheduler.idle():
+                wait = min(wait, policy.idle_interval)  # nothing queued: a poll is free now
+            delay = wait * self.rng.uniform(1 - policy.jitter, 1 + policy.jitter)
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - anyio.current_time()))
             await anyio.sleep(delay)

@@ -120,6 +120,11 @@ class PriorityGate:
                 waiter.abandoned = True
             raise
 
+    @property
+    def queued(self) -> int:
+        """Waiters in line (some may have given up and not been collected yet)."""
+        return len(self._waiters)
+
     def try_acquire(self) -> bool:
         """Take a slot only if one is free now and nobody is queued for it."""
         if self.in_use < self.capacity and not self._waiters:
@@ -193,6 +198,11 @@ class Scheduler:
         if self._jobs is None and self.limits.max_jobs_in_flight is not None:
             self._jobs = anyio.Semaphore(self.limits.max_jobs_in_flight)
         return self._jobs
+
+    def idle(self) -> bool:
+        """Whether an exchange could start here right now without queueing."""
+        gate = self.gate
+        return gate.in_use < gate.capacity and not gate.queued
 
     def _admission_lock(self) -> anyio.Lock:
         if self._admission is None:

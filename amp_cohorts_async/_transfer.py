@@ -42,6 +42,7 @@ __all__ = ("fetch_file",)
 logger = logging.getLogger("amp_cohorts_async")
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED = re.compile(r"bytes \*/(\d+)")
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 # Media types that are plainly a page or an error document, never a cohort file.
 _NOT_AN_EXPORT = frozenset(("text/html", "application/xhtml+xml", "application/json",
@@ -85,9 +86,27 @@ class _Transfer:
         """One attempt: ask ``/file``; follow its redirect to S3 at once."""
         # We decode gzip ourselves (so a resumed transfer can go on decoding); nothing else.
         headers = {"Accept-Encoding": "gzip", "Accept": "*/*", **self._range()}
-        location = await self.api.file_exchange(request_id, headers, self._receive)
+        try:
+            location = await self.api.file_exchange(request_id, headers, self._receive)
+        except APIStatusError as error:
+            if error.status_code != 416 or error.response is None:
+                raise
+            await self._not_satisfiable(error.response.headers.get("content-range") or "")
+            return
         if location is not None:
             await self._fetch_presigned(location)
+
+    async def _not_satisfiable(self, content_range: str) -> None:
+        """A 416 to our ``Range``: the server has nothing past the bytes we hold.
+
+        When it says the file is exactly that long, the connection broke after the last byte
+        and the file is whole; otherwise start over from the first byte.
+        """
+        match = _UNSATISFIED.fullmatch(content_range.strip())
+        if match is not None and int(match.group(1)) == self.writer.raw_bytes > 0:
+            return
+        await self.writer.restart(None)
+        raise IncompleteBodyError("the server could not resume the transfer; starting over")
 
     def _range(self) -> dict[str, str]:
         return {"Range": f"bytes={self.writer.raw_bytes}-"} if self.writer.raw_bytes else {}
@@ -106,6 +125,9 @@ class _Transfer:
             return
         response = await boundary.send_external(url, self._range())
         try:
+            if response.status_code == 416:
+                await self._not_satisfiable(response.headers.get("content-range") or "")
+                return
             if response.status_code >= 400:
                 _refused(status_error(response, await _error_body(boundary, response)))
             await self._stream_body(response)
@@ -119,6 +141,9 @@ class _Transfer:
         try:
             status, headers = await run_abortable(
                 lambda: getter.open(url, self._range(), leg), leg)
+            if status == 416:
+                await self._not_satisfiable(headers.get("content-range") or "")
+                return
             if status >= 400:
                 assert leg.response is not None
                 response = leg.response

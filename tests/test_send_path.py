@@ -107,6 +107,7 @@ async def test_poll_intervals_grow_by_the_multiplier_with_jitter(tmp_path: pathl
     with FakeAmplitude(job_duration=400.0, latency=0.0) as fake:
         fake.add_cohort("c", size=10)
         async with client_for(fake, poll=policy) as client:
+            client.scheduler.idle = lambda: False  # type: ignore[method-assign]  # a busy client
             await client.download_cohort("c", tmp_path)
         times = [e.time for e in fake.log if e.endpoint in ("request", "status")]
     gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -117,6 +118,28 @@ async def test_poll_intervals_grow_by_the_multiplier_with_jitter(tmp_path: pathl
     assert len(capped) >= 10
     assert 19.0 <= statistics.mean(capped) <= 21.0
     assert statistics.pstdev(capped) > 0.5  # jittered, not a fixed 20 s
+
+
+@pytest.mark.looptime
+async def test_an_idle_client_polls_every_idle_interval(tmp_path: pathlib.Path) -> None:
+    with FakeAmplitude(job_duration=120.0, latency=0.0) as fake:
+        fake.add_cohort("c", size=10)
+        async with client_for(fake, poll=amp.PollPolicy()) as client:  # the defaults
+            assert client.scheduler.idle()
+            await client.download_cohort("c", tmp_path)
+        times = [e.time for e in fake.log if e.endpoint in ("request", "status")]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(1.6 - 1e-6 <= gap <= 2.4 + 1e-6 for gap in gaps)  # 2 s +/- 20 %, not growing
+    assert times[-1] - 120.0 <= 2.4  # the finished job was seen within one idle interval
+    assert len(gaps) <= 120.0 / 1.6 + 2  # no more than one status request per 1.6 s
+
+
+async def test_the_gate_is_idle_only_with_a_free_slot_and_nobody_queued() -> None:
+    scheduler = Scheduler(amp.Limits(max_concurrent_requests=1))
+    assert scheduler.idle()
+    async with scheduler.exchange(RequestKind.POLL):
+        assert not scheduler.idle()
+    assert scheduler.idle()
 
 
 # -- the gate -------------------------------------------------------------------------------
