@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import anyio
 
 from ._api import Api
-from ._download import Downloader, ForeignRequestError
+from ._download import Downloader
 from ._events import Progress, ProgressCallback
-from ._exceptions import AmplitudeError, NotFoundError, QuotaExceededError
+from ._exceptions import AmplitudeError, CohortJobError, NotFoundError, QuotaExceededError
 from ._files import safe_filename
 from ._journal import Journal, Plan, journal_key, utc_now_iso
 from ._models import CohortOutcome, CohortRequest, DownloadResult, ExportOptions
@@ -120,7 +120,7 @@ async def _download_one(
         await journal.update(
             key, cohort_id=cohort_id, request_id=request.request_id,
             requested_at=utc_now_iso(scheduler.wall_clock()),
-            file=None, sha256=None, size_bytes=None,
+            file=None, sha256=None, size_bytes=None, members=None,
         )
 
     async def attempt(request: CohortRequest | None) -> DownloadResult:
@@ -131,13 +131,15 @@ async def _download_one(
     reusable = plan.reusable.get(cohort_id)
     try:
         result = await attempt(reusable)
-    except (NotFoundError, ForeignRequestError) as error:
+    except (NotFoundError, CohortJobError) as error:
         if reusable is None:
             raise
-        # The old export is gone, or the journal named another cohort's: pay for a fresh one.
+        # The old export is gone, failed, or the journal named another cohort's (a
+        # ForeignRequestError is a CohortJobError): pay for one fresh export.
         logger.warning("not reusing request %s for %s: %s", reusable.request_id, cohort_id,
                        error)
         result = await attempt(None)
     await journal.update(key, cohort_id=cohort_id, file=result.path.name,
-                         size_bytes=result.size_bytes, sha256=result.sha256)
+                         size_bytes=result.size_bytes, sha256=result.sha256,
+                         members=result.members)
     return result

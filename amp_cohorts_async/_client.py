@@ -104,8 +104,9 @@ class CohortsClient:
             ``AMPLITUDE_SECRET_KEY``. Never shown in ``repr``, errors or logs.
         region: ``"us"`` (https://amplitude.com) or ``"eu"``
             (https://analytics.eu.amplitude.com).
-        base_url: another origin (a proxy, the emulator); plain ``http://`` only for loopback
-            hosts. A path in it is kept as a prefix.
+        base_url: another origin (a proxy, the emulator); default: env ``AMPLITUDE_BASE_URL``,
+            else the region's. Plain ``http://`` only for loopback hosts; a path in it is kept
+            as a prefix.
         limits: Amplitude's limits to obey (``Limits()``: the documented ones).
         retry: how 429s, 5xx and connection failures are retried (``RetryPolicy()``).
         poll: how export jobs are polled and how long one may take (``PollPolicy()``).
@@ -146,6 +147,8 @@ class CohortsClient:
             _credential(api_key, "AMPLITUDE_API_KEY", "api_key"),
             _credential(secret_key, "AMPLITUDE_SECRET_KEY", "secret_key"),
         )
+        if base_url is None:
+            base_url = os.environ.get("AMPLITUDE_BASE_URL") or None
         base = resolve_base_url(region, base_url)
         for value, kind, name in (
             (limits, Limits, "limits"),
@@ -333,18 +336,17 @@ class CohortsClient:
         props: bool = False,
         prop_keys: Sequence[str] = (),
         on_progress: ProgressCallback | None = None,
-        resume: bool = True,
+        resume: bool = False,
     ) -> list[CohortOutcome]:
         """Download many cohorts concurrently under the limits; one outcome per id, in order.
 
-        ``cohort_ids`` may hold ``Cohort`` objects (from ``list_cohorts``): their sizes let the
-        batch start the largest exports first, which shortens the whole batch.
+        ``dest_dir`` is created if missing. The largest exports start first (sizes from
+        ``Cohort`` objects, or from one ``list_cohorts()`` call when given ids).
 
-        With ``resume=True`` (the default) a journal in ``dest_dir`` lets a rerun, for export
-        requests younger than 6 days (inside Amplitude's 7-day validity), skip files already
-        downloaded (verified by sha256) and fetch the others from the earlier request instead
-        of spending quota again. Older entries are ignored. ``resume=False`` makes fresh
-        exports of everything.
+        Fresh exports by default. ``resume=True`` continues the previous batch in ``dest_dir``
+        from its journal: files it finished (sha256 verified) are kept, its export requests
+        that ``/file`` still serves (younger than 6 days) are fetched again at no quota, and
+        only what failed or never started is requested anew.
         """
         ids, sizes = _cohort_items(cohort_ids)
         export = export_options(props, prop_keys)
@@ -355,8 +357,13 @@ class CohortsClient:
         ) or not os.fspath(dest_dir) or "\x00" in os.fspath(dest_dir):
             raise InvalidRequestError(f"dest_dir must be a text path, got {dest_dir!r}")
         directory = pathlib.Path(dest_dir)
-        if not await anyio.Path(directory).is_dir():
-            raise InvalidRequestError(f"dest_dir must be an existing directory: {directory}")
+        try:
+            await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InvalidRequestError(f"dest_dir is not a directory: {directory}") from None
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cannot create dest_dir {directory}: {exc.strerror or exc}") from None
         self._check_open()
         return await download_cohorts(
             self._api, self._downloader, self._scheduler, ids, sizes, directory, export,

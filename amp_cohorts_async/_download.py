@@ -66,8 +66,9 @@ class Downloader:
             finally:
                 if jobs is not None:
                     jobs.release()
-        except BaseException:
-            progress.emit("failed")
+        except BaseException as error:
+            if not isinstance(error, anyio.get_cancelled_exc_class()):
+                progress.emit("failed")  # a cancelled download did not fail: it was stopped
             raise
         progress.emit("done", bytes_done=result.size_bytes, bytes_total=result.size_bytes)
         return result

@@ -31,6 +31,7 @@ class Progress:
         bytes_done: int = 0,
         bytes_total: int | None = None,
         wait_seconds: float | None = None,
+        wait_reason: str | None = None,
     ) -> None:
         if self.callback is None or self.cohort_id is None:
             return
@@ -40,16 +41,17 @@ class Progress:
             bytes_done=bytes_done,
             bytes_total=bytes_total,
             wait_seconds=wait_seconds,
+            wait_reason=wait_reason,
         )
         try:
             self.callback(event)
         except Exception:
             logger.exception("on_progress callback raised; the download goes on")
 
-    def waiting(self, seconds: float) -> None:
-        self.emit("waiting", wait_seconds=seconds)
+    def waiting(self, seconds: float, reason: str) -> None:
+        self.emit("waiting", wait_seconds=seconds, wait_reason=reason)
 
     @property
-    def on_wait(self) -> Callable[[float], None] | None:
+    def on_wait(self) -> Callable[[float, str], None] | None:
         """``waiting`` when anyone listens, for the send path to report its waits."""
         return self.waiting if self.callback is not None and self.cohort_id else None

@@ -78,9 +78,11 @@ class TransportError(AmplitudeError):
     machine (connection refused, pool timeout): the server cannot have acted on it.
     """
 
-    def __init__(self, message: str, *, never_sent: bool = False) -> None:
+    def __init__(self, message: str, *, never_sent: bool = False, refused: bool = False) -> None:
         super().__init__(message)
-        self.never_sent = never_sent
+        self.never_sent = never_sent or refused
+        #: Nothing listens at that address (connection refused): retrying will not help.
+        self.refused = refused
 
 
 class APIStatusError(AmplitudeError):

@@ -74,7 +74,11 @@ def resolve_target(dest: Any, cohort_id: str | None) -> pathlib.Path:
         raise InvalidRequestError("dest must be a non-empty text path without NUL bytes")
     path = pathlib.Path(text)
     if text.endswith(("/", os.sep)) and not path.is_dir():
-        raise InvalidRequestError(f"dest names a directory that does not exist: {text}")
+        try:  # "DIR/" names a directory: create it, as mkdir -p would
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cannot create the directory {text}: {exc.strerror or exc}") from None
     if path.is_dir():
         if cohort_id is None:
             raise InvalidRequestError(f"dest {path} is a directory; pass a file path")
@@ -116,6 +120,8 @@ class AtomicWriter:
         self._hash = hashlib.sha256()
         self._gunzip: Any = None
         self._head: bytes | None = b""  # the first line while it arrives; None once checked
+        self._row_ends = 0  # '"' then newline: where a record of the all-quoted format ends
+        self._after_quote = False
 
     def _check_head(self, data: bytes | memoryview, *, final: bool = False) -> None:
         assert self._head is not None
@@ -164,13 +170,16 @@ class AtomicWriter:
         event loop does no per-chunk work at all; ``raw_bytes`` is the progress counter.
         Returns how many bytes arrived.
         """
-        buffer = memoryview(bytearray(READ_SIZE))
+        array = bytearray(READ_SIZE)
+        buffer = memoryview(array)
         received = 0
         assert self._file is not None
         descriptor = self._file.fileno()
         flushed = self.size_bytes
         try:
             while count := read_into(buffer):
+                if self._gunzip is None:
+                    self._count_rows(array, count)  # on the buffer itself: no copy
                 self._write_raw(buffer[:count], self._gunzip)
                 received += count
                 if self.size_bytes - flushed >= WRITE_BEHIND:
@@ -185,8 +194,22 @@ class AtomicWriter:
             raise DownloadError(f"cannot write {self.target}: {exc.strerror or exc}") from None
         return received
 
+    @property
+    def rows(self) -> int:
+        """Members written so far: records after the header, counted as they were written."""
+        return max(0, self._row_ends - 1)
+
+    def _count_rows(self, data: bytes | bytearray, end: int) -> None:
+        if end:
+            self._row_ends += data.count(b'"\n', 0, end)
+            if self._after_quote and data[0] == 0x0A:  # '"' ended the previous piece
+                self._row_ends += 1
+            self._after_quote = data[end - 1] == 0x22
+
     def _write_tail(self, data: bytes | memoryview) -> None:
         assert self._file is not None
+        if isinstance(data, bytes):  # pump_blocking counts its memoryviews on the buffer
+            self._count_rows(data, len(data))
         if data:
             if self._head is not None:
                 self._check_head(data)

@@ -137,9 +137,25 @@ def translate_transport_error(exc: httpx.HTTPError, request: httpx.Request) -> T
     """The library's TransportError for an httpx failure; the only place that maps them."""
     kind = type(exc).__name__
     detail = redact(str(exc)) or kind
+    refused = isinstance(exc, httpx.ConnectError) and _caused_by(exc, ConnectionRefusedError)
+    if refused:
+        where = f"{request.url.host}:{request.url.port or request.url.scheme}"
+        return TransportError(f"connection refused by {where} ({_request_line(request)}); is "
+                              f"the server running and the URL right?", refused=True)
     return TransportError(
         f"{kind} on {_request_line(request)}: {detail}", never_sent=isinstance(exc, _NOT_SENT)
     )
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain: httpx -> httpcore -> OSError
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

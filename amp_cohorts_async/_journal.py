@@ -46,7 +46,8 @@ logger = logging.getLogger("amp_cohorts_async")
 JOURNAL_NAME = ".amp-cohorts-journal.json"
 _MAX_JOURNAL_BYTES = 64 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_ENTRY_FIELDS = {"cohort_id", "request_id", "requested_at", "file", "size_bytes", "sha256"}
+_ENTRY_FIELDS = {"cohort_id", "request_id", "requested_at", "file", "size_bytes", "sha256",
+                 "members"}
 
 
 class InvalidJournal(ValueError):
@@ -87,8 +88,11 @@ def _parse_entry(key: Any, value: Any) -> JournalEntry:
     sha256 = _optional(value, "sha256", str)
     if sha256 is not None and not _SHA256.fullmatch(sha256):
         raise InvalidJournal("sha256 must be 64 lower-case hex digits")
+    members = _optional(value, "members", int)
+    if members is not None and members < 0:
+        raise InvalidJournal("members must not be negative")
     return JournalEntry(cohort_id=cohort_id, request_id=request_id, requested_at=requested_at,
-                        file=file, size_bytes=size_bytes, sha256=sha256)
+                        file=file, size_bytes=size_bytes, sha256=sha256, members=members)
 
 
 def parse_journal(data: Any) -> dict[str, JournalEntry]:
@@ -130,6 +134,7 @@ class JournalEntry:
     file: str | None = None
     size_bytes: int | None = None
     sha256: str | None = None
+    members: int | None = None
 
     def request_is_fresh(self, now: datetime) -> bool:
         if self.request_id is None or self.requested_at is None:
@@ -174,8 +179,9 @@ class Journal:
         self.entries: dict[str, JournalEntry] = {}
         self._lock = anyio.Lock()
 
-    async def load(self) -> None:
-        """Read the journal; an invalid one is set aside (renamed) with a warning."""
+    async def load(self, *, set_aside: bool = True) -> None:
+        """Read the journal; an invalid one is set aside (renamed) with a warning, or with
+        ``set_aside=False`` (a look before deciding) just ignored."""
 
         def read() -> dict[str, JournalEntry]:
             try:
@@ -184,7 +190,8 @@ class Journal:
                     return {}
                 return parse_journal(json.loads(raw))
             except (InvalidJournal, ValueError, RecursionError) as exc:
-                self._set_aside(exc)
+                if set_aside:
+                    self._set_aside(exc)
                 return {}
 
         self.entries = await anyio.to_thread.run_sync(read)
@@ -225,6 +232,7 @@ class Journal:
                     finished[cohort_id] = DownloadResult(
                         cohort_id=cohort_id, request_id=entry.request_id, path=path,
                         size_bytes=(await anyio.Path(path).stat()).st_size, sha256=entry.sha256,
+                        members=entry.members,
                     )
                     continue
             reusable[cohort_id] = CohortRequest(request_id=entry.request_id, cohort_id=cohort_id)

@@ -131,11 +131,18 @@ class RequestStatus:
 
 @attrs.frozen(kw_only=True)
 class DownloadResult:
+    """A cohort file in place: where, how big, its sha256, and how many members it holds.
+
+    ``members`` is counted as the file was written (rows after the header; ``None`` when the
+    file was not written by this call, e.g. kept from an earlier batch).
+    """
+
     cohort_id: str | None
     request_id: str
     path: pathlib.Path
     size_bytes: int
     sha256: str
+    members: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -231,8 +238,20 @@ Phase = Literal["queued", "requested", "polling", "waiting", "downloading", "don
 
 @attrs.frozen(kw_only=True)
 class ProgressEvent:
+    """Where one cohort of a download stands; passed to ``on_progress``.
+
+    ``phase``: ``queued``, ``requested`` (an export exists), ``polling``, ``waiting`` (held),
+    ``downloading``, ``done`` or ``failed``. ``bytes_done`` / ``bytes_total`` count the file
+    as it arrives (``bytes_total`` is None when unknown). For a wait, ``wait_seconds`` is the
+    time left when the event was emitted (a long wait emits again as it runs down) and
+    ``wait_reason`` says why: ``"limits"`` (the rate windows or the concurrency limit),
+    ``"amplitude"`` (Amplitude answered 429 and asked everyone to wait) or ``"retry"`` (a
+    backoff before retrying a failed request).
+    """
+
     cohort_id: str
     phase: Phase
     bytes_done: int = 0
     bytes_total: int | None = None
     wait_seconds: float | None = None
+    wait_reason: str | None = None

@@ -114,6 +114,10 @@ class BlockingGetter:
         except TransportError:
             raise
         except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                # Deterministic: retrying cannot help, and the message says what to fix.
+                raise DownloadError(f"GET {shown}: {exc} (set SSL_CERT_FILE, or pass an "
+                                    f"http_client with verify=)") from None
             never_sent = isinstance(exc, ConnectionRefusedError | socket.gaierror)
             detail = "cancelled" if leg.aborted else f"{type(exc).__name__}: {exc}"
             raise TransportError(f"GET {shown}: {detail}", never_sent=never_sent) from None

@@ -28,7 +28,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 import attrs
@@ -150,7 +150,11 @@ class _GateWaiter:
     abandoned: bool = False
 
 
-WaitCallback = Callable[[float], None]
+WaitReason = Literal["limits", "amplitude", "retry"]
+# Told (seconds left, why) when a request starts waiting, and again as a long wait runs down.
+WaitCallback = Callable[[float, WaitReason], None]
+# A long wait is re-announced (and re-checked with the backend) at least this often.
+WAIT_STEP = 5.0
 
 
 def _utc_month(now: datetime) -> str:
@@ -185,6 +189,9 @@ class Scheduler:
         #: Leases the backend found expired while held (a stalled process): reported, since
         #: another process may have been granted the same slot meanwhile.
         self.leases_lost = 0
+        #: Cohort requests this scheduler let through that count against the quota (sent and
+        #: not refused), whatever other processes spent.
+        self.cohort_requests_spent = 0
 
     # -- lazily created loop-bound primitives -------------------------------------------
     @property
@@ -229,10 +236,11 @@ class Scheduler:
 
     async def _sleep_out_pause(self, remaining: float, on_wait: WaitCallback | None) -> None:
         # Spread the restart a little so a crowd does not hit the server at one instant.
-        spread = self.rng.uniform(0.0, min(1.0, remaining * 0.1))
-        if on_wait is not None:
-            on_wait(remaining + spread)
-        await anyio.sleep(remaining + spread)
+        end = anyio.current_time() + remaining + self.rng.uniform(0.0, min(1.0, remaining * 0.1))
+        while (left := end - anyio.current_time()) > 0:
+            if on_wait is not None:
+                on_wait(left, "amplitude")  # a 429: Amplitude asked everyone to wait
+            await anyio.sleep(min(left, WAIT_STEP))
 
     # -- permits --------------------------------------------------------------------------
     async def _acquire(
@@ -264,8 +272,8 @@ class Scheduler:
                 await self._sleep_out_pause(result.seconds, on_wait)
                 continue
             if on_wait is not None and math.isfinite(result.seconds):
-                on_wait(result.seconds)
-            wait = result.seconds
+                on_wait(result.seconds, "limits")
+            wait = min(result.seconds, WAIT_STEP) if on_wait is not None else result.seconds
             if self.backend.recheck is not None:
                 wait = min(wait, self.backend.recheck)
             await self.backend.wait_for_release(wait)
@@ -287,6 +295,8 @@ class Scheduler:
     async def _release(self, permits: list[Permit], ticket: Ticket) -> None:
         settlement = None
         if any(permit.cohort for permit in permits):
+            if ticket.outcome in (Outcome.ACCEPTED, Outcome.UNKNOWN):
+                self.cohort_requests_spent += 1
             settlement = Settlement(
                 stamp=ticket.outcome is not Outcome.NOT_SENT,
                 refund=ticket.outcome in (Outcome.NOT_SENT, Outcome.REFUSED),

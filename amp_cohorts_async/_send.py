@@ -81,7 +81,7 @@ class Sender:
                     await self.scheduler.pause(delay)  # one shared pause: everyone waits
                 elif delay > 0:
                     if self.on_wait is not None:
-                        self.on_wait(delay)
+                        self.on_wait(delay, "retry")
                     await anyio.sleep(delay)
 
     async def exchange(

@@ -73,6 +73,7 @@ async def fetch_file(
         path=target,
         size_bytes=writer.size_bytes,
         sha256=sha256,
+        members=writer.rows,
     )
 
 

@@ -56,13 +56,13 @@ ARGUMENT_CASES: list[tuple[str, Call]] = [
     ("file dest int", lambda c, d: c.download_file("r", 42)),  # type: ignore[arg-type]
     ("file NUL in dest", lambda c, d: c.download_file("r", str(d / "a\x00b"))),
     ("cohort empty id", lambda c, d: c.download_cohort("", d)),
-    ("cohort missing dir/", lambda c, d: c.download_cohort("c", f"{d}/nodir/")),
+    ("cohort uncreatable dir/", lambda c, d: c.download_cohort("c", "/proc/no-such/dir/")),
     ("cohort callback int", lambda c, d: c.download_cohort("c", d, on_progress=5)),  # type: ignore[arg-type]
     ("batch None", lambda c, d: c.download_cohorts(None, d)),  # type: ignore[arg-type]
     ("batch one string", lambda c, d: c.download_cohorts("abc", d)),
     ("batch None id", lambda c, d: c.download_cohorts([None], d)),  # type: ignore[list-item]
     ("batch empty id", lambda c, d: c.download_cohorts(["ok", ""], d)),
-    ("batch missing dir", lambda c, d: c.download_cohorts(["c"], d / "missing")),
+    ("batch uncreatable dir", lambda c, d: c.download_cohorts(["c"], "/proc/no-such/dir")),
     ("batch dir int", lambda c, d: c.download_cohorts(["c"], 3)),  # type: ignore[arg-type]
     ("batch resume text", lambda c, d: c.download_cohorts(["c"], d, resume="no")),  # type: ignore[arg-type]
     ("batch props int", lambda c, d: c.download_cohorts(["c"], d, props=1)),  # type: ignore[arg-type]

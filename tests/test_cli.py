@@ -111,7 +111,7 @@ async def test_upload_from_stdin_and_csv_and_membership(
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (("download", "missing", "--poll-interval", "0.1"), 1, "missing\tFAILED"),
+        (("download", "missing", "--poll-interval", "0.1"), 4, "FAILED: HTTP 404"),
         (("request", "missing"), 4, "error: HTTP 404"),
         (("download",), 2, "error: name at least one cohort id, or --all"),
         (("upload", "/no/such/file", "--name", "n", "--owner", "o", "--app-id", "1"), 2,
@@ -146,7 +146,8 @@ async def test_missing_credentials(served: tuple[FakeAmplitude, str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMPLITUDE_")}
     result = await anyio.run_process([*CLI, "usage"], env=env, check=False)
     assert result.returncode == 2
-    assert "api_key is required" in result.stderr.decode()
+    assert result.stderr.decode() == ("error: set AMPLITUDE_API_KEY and AMPLITUDE_SECRET_KEY in "
+                                      "the environment (the project's API key and secret key)\n")
 
 
 async def test_ctrl_c_then_resume_spends_no_extra_quota(
@@ -200,7 +201,82 @@ async def test_progress_renders_under_a_terminal(
             break
     child.close()
     text = screen.decode("utf-8", "replace")
-    for phase in ("requested", "polling", "done", "cohorts"):
+    for phase in ("export requested", "export running", "done", "cohorts"):
         assert phase in text, phase
     assert "\x1b[" in text  # a live, redrawn display, not plain lines
+    assert child.exitstatus == 0
+
+
+async def test_plain_summary_resume_and_exit_codes(
+    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+) -> None:
+    fake = served[0]
+    code, out, err = await cli(served, "download", "small", "-o", str(tmp_path),
+                               "--poll-interval", "0.1")
+    assert code == 0, err
+    lines = out.splitlines()
+    header = lines.index("cohort\tmembers\tbytes\tsha256\tseconds\tfile or error")
+    assert lines[header + 1].split("\t")[:2] == ["small", "25"]  # counted while writing
+    assert "1 cohort in " in out
+    assert "1 cohort request spent" in out
+    # A plain rerun makes a fresh export, and says how --resume would have helped.
+    code, out, _ = await cli(served, "download", "small", "-o", str(tmp_path),
+                             "--poll-interval", "0.1")
+    assert "note: 1 file here come from a batch of the last 6 days" in out
+    assert fake.cohort_requests == 2
+    code, out, _ = await cli(served, "download", "small", "missing", "-o", str(tmp_path),
+                             "--poll-interval", "0.1", "--resume")
+    assert code == 4  # the only failure: a cohort that does not exist
+    assert "resumed: kept 1 verified file, reused 0 export requests, requested 0 new exports" \
+        in out
+    code, out, _ = await cli(served, "download", "missing", "-o", str(tmp_path / "none"),
+                             "--poll-interval", "0.1")
+    assert code == 4
+    assert "files are in" not in out  # no file was written
+
+
+async def test_upload_where_no_id_matched(served: tuple[FakeAmplitude, str]) -> None:
+    args = ("upload", "-", "--name", "n", "--owner", "o@example.com", "--app-id", "1",
+            "--id-type", "BY_AMP_ID")
+    code, out, err = await cli(served, *args, stdin=b"not-a-number\n")
+    assert code == 6
+    assert "no id matched" in err
+    code, out, err = await cli(served, *args, "--allow-empty", stdin=b"not-a-number\n")
+    assert code == 0, err
+    code, out, err = await cli(served, "upload", "-", "--name", "n", "--owner",
+                               "o@example.com", "--app-id", "1", "--dry-run", stdin=b"u1\n")
+    assert code == 0, err
+    assert out.startswith("dry run, nothing saved: 1 of 1 ids matched in 1 request")
+
+
+async def test_help_is_plain_text() -> None:
+    result = await anyio.run_process([*CLI, "--help"], check=False)
+    text = result.stdout.decode()
+    assert "AMPLITUDE_API_KEY" in text
+    assert "``" not in text
+
+
+async def test_the_countdown_ticks_and_names_amplitudes_pause(
+    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+) -> None:
+    import pexpect
+
+    fake, base_url = served
+    fake.inject("request", "status", status=429, retry_after=4)
+    child = pexpect.spawn(
+        CLI[0], [*CLI[1:], "download", "small", "-o", str(tmp_path), "--poll-interval", "0.2",
+                 "--base-url", base_url],
+        env=env_for(fake), dimensions=(40, 120), timeout=30,
+    )
+    screen = b""
+    while True:
+        try:
+            screen += await anyio.to_thread.run_sync(child.read_nonblocking, 65536, 20)
+        except pexpect.EOF:
+            break
+    child.close()
+    text = screen.decode("utf-8", "replace")
+    assert "Amplitude asked to wait (429)" in text
+    left = {n for n in range(6) if f"asked to wait (429), {n}s left" in text}
+    assert len(left) >= 3, left  # 4s, 3s, 2s, 1s...: the countdown moved between events
     assert child.exitstatus == 0

@@ -292,7 +292,7 @@ async def test_resume_after_a_crash_spends_no_quota(fake: FakeAmplitude, tmp_pat
     assert len(done_before) == 4
     assert fake.cohort_requests == 8
     async with client_for(fake) as client:
-        outcomes = await client.download_cohorts(ids, tmp_path)
+        outcomes = await client.download_cohorts(ids, tmp_path, resume=True)
     assert all(o.ok for o in outcomes)
     assert fake.cohort_requests == 10  # only the two never requested before
     for outcome in outcomes:
@@ -309,19 +309,37 @@ async def test_resume_redownloads_a_tampered_file_without_new_request(
     [first] = await client.download_cohorts(["small"], tmp_path)
     assert first.result is not None
     first.result.path.write_text("tampered")
-    [second] = await client.download_cohorts(["small"], tmp_path)
+    [second] = await client.download_cohorts(["small"], tmp_path, resume=True)
     assert second.result is not None
     assert second.result.sha256 == first.result.sha256
     assert fake.cohort_requests == 1
 
 
 @pytest.mark.looptime
-async def test_resume_false_requests_again(
+async def test_fresh_exports_by_default(
     fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
 ) -> None:
     await client.download_cohorts(["small"], tmp_path)
-    await client.download_cohorts(["small"], tmp_path, resume=False)
+    await client.download_cohorts(["small"], tmp_path)  # a daily job: fresh data again
     assert fake.cohort_requests == 2
+    await client.download_cohorts(["small"], tmp_path, resume=True)
+    assert fake.cohort_requests == 2  # continuing: the verified file is kept
+
+
+@pytest.mark.looptime
+async def test_resume_retries_only_what_failed(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    ids = [fake.add_cohort(f"r{i}", size=10).id for i in range(8)]
+    for failing in ids[:3]:
+        fake.failing_jobs.add(failing)
+    first = await client.download_cohorts(ids, tmp_path)
+    assert sum(not o.ok for o in first) == 3
+    fake.failing_jobs.clear()
+    spent = fake.cohort_requests
+    second = await client.download_cohorts(ids, tmp_path, resume=True)
+    assert all(o.ok for o in second)
+    assert fake.cohort_requests - spent == 3  # 3 units to complete the batch, not 8
 
 
 class MovableClock:
@@ -343,7 +361,7 @@ async def test_stale_request_ids_are_not_reused(
         with anyio.move_on_after(5):  # requested, not yet downloaded
             await client.download_cohorts(["small"], tmp_path)
         clock.now += timedelta(days=6, minutes=1)
-        await client.download_cohorts(["small"], tmp_path)
+        await client.download_cohorts(["small"], tmp_path, resume=True)
     assert fake.cohort_requests == 2
 
 
@@ -363,7 +381,7 @@ async def test_download_over_real_sockets(fake: FakeAmplitude, tmp_path: pathlib
     assert all("authorization" not in e.headers for e in s3)
 
 
-@pytest.mark.parametrize("bad", ["", 3, None, "no-such-dir/"])
+@pytest.mark.parametrize("bad", ["", 3, None, "/proc/no-such-dir/"])
 async def test_bad_destinations(client: amp.CohortsClient, fake: FakeAmplitude, bad: Any) -> None:
     with pytest.raises(amp.InvalidRequestError):
         await client.download_cohort("small", bad)
@@ -375,7 +393,7 @@ async def test_bad_batch_arguments(client: amp.CohortsClient, fake: FakeAmplitud
     for call in (
         lambda: client.download_cohorts("small", tmp_path),
         lambda: client.download_cohorts(["ok", ""], tmp_path),
-        lambda: client.download_cohorts(["small"], tmp_path / "missing"),
+        lambda: client.download_cohorts(["small"], "/proc/no-such-dir"),
         lambda: client.download_cohorts(["small"], tmp_path, prop_keys=["x"]),
     ):
         with pytest.raises(amp.InvalidRequestError):
@@ -453,8 +471,34 @@ async def test_finished_files_older_than_the_ttl_are_exported_again(
     async with client_for(fake, wall_clock=clock) as client:
         await client.download_cohorts(["small"], tmp_path)
         clock.now += timedelta(days=5)
-        await client.download_cohorts(["small"], tmp_path)
+        await client.download_cohorts(["small"], tmp_path, resume=True)
         assert fake.cohort_requests == 1  # fresh enough: skipped
         clock.now += timedelta(days=2)
-        await client.download_cohorts(["small"], tmp_path)
+        await client.download_cohorts(["small"], tmp_path, resume=True)
     assert fake.cohort_requests == 2
+
+
+@pytest.mark.looptime
+async def test_missing_destination_directories_are_created(
+    client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    (outcome,) = await client.download_cohorts(["small"], tmp_path / "a" / "b")
+    assert outcome.result is not None
+    assert outcome.result.path == tmp_path / "a" / "b" / "small.csv"
+    result = await client.download_cohort("small", f"{tmp_path}/c/d/")
+    assert result.path == tmp_path / "c" / "d" / "small.csv"
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("gzip", [False, True])
+async def test_members_are_counted_as_the_file_is_written(
+    tmp_path: pathlib.Path, gzip: bool
+) -> None:
+    with FakeAmplitude(gzip=gzip, inline_threshold=2048) as fake:
+        fake.add_cohort("inline", size=7)
+        fake.add_cohort("big", size=30_000, properties=("city",))  # through S3, many reads
+        async with client_for(fake) as client:
+            small = await client.download_cohort("inline", tmp_path)
+            big = await client.download_cohort("big", tmp_path, props=True)
+    assert small.members == 7
+    assert big.members == 30_000

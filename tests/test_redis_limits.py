@@ -191,7 +191,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
 @given(plan=ops, shared=st.booleans())
 def test_backends_never_over_grant_a_window(redis_url: str, plan: list[tuple[float, str]],
@@ -332,7 +332,7 @@ async def test_per_process_limits_break_the_account_limits(tmp_path: pathlib.Pat
     """Why the shared backend exists: four processes, each obeying the limits on its own,
     together exceed them (the emulator counts for the account, as Amplitude does)."""
     with FakeAmplitude(limits=SCALED, job_duration=0.3, latency=(0.001, 0.005)) as fake:
-        ids = [fake.add_cohort(f"c{i:02d}", size=20).id for i in range(60)]
+        ids = [fake.add_cohort(f"c{i:02d}", size=20).id for i in range(40)]
         async with fake.serve() as base_url:
             await run_workers(base_url, "memory", [ids[i::4] for i in range(4)], tmp_path,
                               "unused", AMP_TEST_RETRY_AFTER_CAP="0.2")

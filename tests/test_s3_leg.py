@@ -93,6 +93,7 @@ async def test_progress_flows_from_the_thread(tmp_path: pathlib.Path) -> None:
     assert downloading == sorted(downloading)
     assert any(0 < done < result.size_bytes for done in downloading)  # during the transfer
     assert downloading[-1] == result.size_bytes
+    assert result.members == 60_000  # counted in the thread as written
 
 
 async def test_an_untrusted_certificate_is_refused(

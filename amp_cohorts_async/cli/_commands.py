@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import pathlib
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -13,12 +14,16 @@ from typing import IO
 import anyio
 
 from .._client import CohortsClient
-from .._exceptions import InvalidRequestError
-from .._models import Cohort, DownloadResult, MembershipChange, Operation
+from .._exceptions import InvalidRequestError, NotFoundError
+from .._journal import Journal, Plan
+from .._models import Cohort, CohortOutcome, DownloadResult, MembershipChange, Operation
+from .._validate import export_options
 from ._live import ProgressView
-from ._output import is_tty, print_json, report, summary
+from ._output import is_tty, plural, print_json, report, summary
 
-__all__ = ("COMMANDS", "read_ids")
+__all__ = ("COMMANDS", "EMPTY_UPLOAD", "read_ids")
+
+EMPTY_UPLOAD = 6  # an upload in which no id matched (documented exit code)
 
 
 # -- reading ids ---------------------------------------------------------------------------
@@ -95,20 +100,51 @@ async def cmd_download(client: CohortsClient, args: argparse.Namespace, out: IO[
         targets = list(args.cohort_ids)
     ids = [t.id if isinstance(t, Cohort) else t for t in targets]
     props = args.props or bool(args.prop_key)
+    info = sys.stderr if args.json else out  # with --json, stdout carries only the JSON
+    plan = await _earlier_batch(pathlib.Path(args.output), ids, props, tuple(args.prop_key),
+                                client)
+    if not args.resume and plan is not None and plan.finished:
+        info.write(f"note: {plural(len(plan.finished), 'file')} here come from a batch of the "
+                   f"last 6 days; --resume keeps them and spends no quota on them\n")
+    spent_before = client.scheduler.cohort_requests_spent
     started = time.monotonic()
-    # With --json, stdout carries only the JSON summary; progress goes to stderr.
-    progress_stream = sys.stderr if args.json else out
-    view = ProgressView(list(dict.fromkeys(ids)), stream=progress_stream,
-                        live=is_tty(progress_stream))
+    view = ProgressView(list(dict.fromkeys(ids)), stream=info, live=is_tty(info))
     with view:
         outcomes = await client.download_cohorts(
             targets, str(directory), props=props, prop_keys=tuple(args.prop_key),
             on_progress=view, resume=args.resume,
         )
     await summary(outcomes, started, out, args.json, view.durations())
-    if not args.json:
+    requested = client.scheduler.cohort_requests_spent - spent_before
+    if args.resume and plan is not None:
+        info.write(f"resumed: kept {plural(len(plan.finished), 'verified file')}, reused "
+                   f"{plural(len(plan.reusable), 'export request')}, requested "
+                   f"{plural(requested, 'new export')}\n")
+    elif not args.json:
+        info.write(f"{plural(requested, 'cohort request')} spent\n")
+    if not args.json and any(o.ok for o in outcomes):
         out.write(f"files are in {await directory.resolve()}\n")
-    return 0 if all(o.ok for o in outcomes) else 1
+    return _exit_code_of(outcomes)
+
+
+def _exit_code_of(outcomes: list[CohortOutcome]) -> int:
+    """0 all fine; 4 when every failure is a cohort that does not exist; 1 otherwise."""
+    errors = [o.error for o in outcomes if o.error is not None]
+    if not errors:
+        return 0
+    return 4 if all(isinstance(e, NotFoundError) for e in errors) else 1
+
+
+async def _earlier_batch(directory: pathlib.Path, ids: list[str], props: bool,
+                         prop_keys: tuple[str, ...], client: CohortsClient) -> Plan | None:
+    """What the journal of an earlier batch in ``directory`` holds for these ids (a look
+    only: nothing is changed), or None without one."""
+    journal = Journal(directory)
+    await journal.load(set_aside=False)
+    if not journal.entries:
+        return None
+    export = export_options(props, prop_keys)
+    return await journal.plan(list(dict.fromkeys(ids)), export, client.scheduler.wall_clock())
 
 
 async def cmd_upload(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
@@ -119,9 +155,19 @@ async def cmd_upload(client: CohortsClient, args: argparse.Namespace, out: IO[st
         skip_save=args.dry_run,
     )
     dupes = result.duplicates_removed
-    return report(args, out, result, f"cohort {result.cohort_id}: {result.matched:,} of "
-                   f"{result.totals:,} ids matched in {result.requests_sent} requests"
-                   + (f", {dupes:,} duplicates removed" if dupes else ""))
+    details = (f"{result.matched:,} of {result.totals:,} ids matched in "
+               f"{plural(result.requests_sent, 'request')}"
+               + (f", {dupes:,} duplicates removed" if dupes else ""))
+    if args.dry_run:
+        text = f"dry run, nothing saved: {details}"
+    else:
+        text = f"cohort {result.cohort_id}: {details}"
+    report(args, out, result, text)
+    if result.matched == 0 and not args.allow_empty:
+        sys.stderr.write("error: no id matched a known user; nothing useful was uploaded "
+                         "(pass --allow-empty if that is what you meant)\n")
+        return EMPTY_UPLOAD
+    return 0
 
 
 async def cmd_membership(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:

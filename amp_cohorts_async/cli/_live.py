@@ -28,9 +28,14 @@ class _Line:
     bytes_done: int = 0
     bytes_total: int | None = None
     wait_until: float | None = None
+    wait_reason: str | None = None
     started: float = attrs.field(factory=time.monotonic)
     transfer_started: float | None = None
     finished: float | None = None
+
+
+_LABELS = {"queued": "queued", "requested": "export requested", "polling": "export running",
+           "failed": "failed", "cancelled": "cancelled"}
 
 
 class ProgressView:
@@ -54,9 +59,11 @@ class ProgressView:
         announce = event.phase != previous
         if event.phase == "waiting" and event.wait_seconds is not None:
             until = now + event.wait_seconds
-            # The scheduler re-reports a wait whenever it re-checks; say it again only if it moved.
-            announce = announce or line.wait_until is None or abs(until - line.wait_until) > 1
+            # A wait is re-reported as it runs down; say it again only if it moved.
+            announce = (announce or line.wait_until is None or abs(until - line.wait_until) > 1
+                        or event.wait_reason != line.wait_reason)
             line.wait_until = until
+            line.wait_reason = event.wait_reason
         if event.phase == "downloading" and line.transfer_started is None:
             line.transfer_started = now
         if event.phase in ("done", "failed"):
@@ -74,15 +81,28 @@ class ProgressView:
     def describe(self, line: _Line) -> str:
         now = time.monotonic()
         if line.phase == "waiting" and line.wait_until is not None:
-            return f"waiting for the rate window, {max(0.0, line.wait_until - now):.0f}s left"
+            left = f"{max(0.0, line.wait_until - now):.0f}s left"
+            if line.wait_reason == "amplitude":
+                return f"Amplitude asked to wait (429), {left}"
+            if line.wait_reason == "retry":
+                return f"retrying after a failure, {left}"
+            return f"waiting for the rate limits, {left}"
         if line.phase == "downloading":
             total = f"/{human_bytes(line.bytes_total)}" if line.bytes_total else ""
             elapsed = now - (line.transfer_started or now)
             speed = f" at {human_bytes(line.bytes_done / elapsed)}/s" if elapsed > 0.2 else ""
-            return f"downloading {human_bytes(line.bytes_done)}{total}{speed}"
+            return f"fetching {human_bytes(line.bytes_done)}{total}{speed}"
         if line.phase == "done":
             return f"done, {human_bytes(line.bytes_done)}"
-        return line.phase
+        return _LABELS.get(line.phase, line.phase)
+
+    def cancelled(self) -> None:
+        """Interrupted: what had not finished is cancelled, not failed."""
+        for line in self.lines.values():
+            if line.phase not in ("done", "failed"):
+                line.phase = "cancelled"
+                if not self.live:
+                    print(f"{line.cohort_id}: cancelled", file=self.stream, flush=True)
 
     # -- live rendering ------------------------------------------------------------------
     def _render(self) -> Any:
@@ -94,7 +114,8 @@ class ProgressView:
         table.add_column("cohort", overflow="fold")
         table.add_column("status")
         for line in self.lines.values():
-            style = {"done": "green", "failed": "red", "waiting": "yellow"}.get(line.phase, "")
+            style = {"done": "green", "failed": "red", "waiting": "yellow",
+                     "cancelled": "dim"}.get(line.phase, "")
             table.add_row(line.cohort_id, f"[{style}]{self.describe(line)}[/]" if style
                           else self.describe(line))
         finished = sum(1 for line in self.lines.values() if line.phase in ("done", "failed"))
@@ -106,20 +127,28 @@ class ProgressView:
 
     def __enter__(self) -> ProgressView:
         if self.live:
-            from rich.console import Console
-            from rich.live import Live
-
-            self._live = Live(self._render(), console=Console(file=self.stream),
-                              refresh_per_second=8, transient=False)
+            try:
+                from rich.console import Console
+                from rich.live import Live
+            except ModuleNotFoundError:  # the command without its cli extra: plain lines
+                self.live = False
+                print("(install amp-cohorts-async[cli] for a live view)", file=self.stream,
+                      flush=True)
+                return self
+            # get_renderable: every refresh renders anew, so countdowns tick between events.
+            self._live = Live(console=Console(file=self.stream), refresh_per_second=4,
+                              transient=False, get_renderable=self._render)
             self._live.__enter__()
         return self
 
     def refresh(self) -> None:
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.refresh()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            self.cancelled()
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.refresh()
             self._live.__exit__(None, None, None)
             self._live = None

@@ -1,10 +1,13 @@
-"""amp-cohorts: the command line (``python -m amp_cohorts_async`` too).
+"""amp-cohorts: Amplitude behavioral cohorts from the command line.
 
-Credentials come from AMPLITUDE_API_KEY / AMPLITUDE_SECRET_KEY. Every failure prints one line
-and exits non-zero: 2 bad input (arguments, files that cannot be read or written), 3 auth,
-4 not found, 5 quota or limits, 1 any other failure, 130 interrupted; add --debug for a
-traceback. Ctrl-C stops cleanly: no partial file is left, and the journal lets
-``download --resume`` go on without spending quota again.
+Credentials come from the environment: AMPLITUDE_API_KEY and AMPLITUDE_SECRET_KEY
+(AMPLITUDE_BASE_URL and AMPLITUDE_LIMITS_URL are read too). Also: python -m amp_cohorts_async.
+
+Every failure prints one line and exits non-zero: 2 bad input (arguments, files that cannot
+be read or written), 3 authentication, 4 not found, 5 quota or limits, 6 an upload in which
+no id matched, 1 any other failure, 130 interrupted; add --debug for a traceback. Ctrl-C stops
+cleanly: no partial file is left, and download --resume continues the batch without spending
+quota again on what was done.
 """
 
 from __future__ import annotations
@@ -75,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prop-key", action="append", default=[], metavar="KEY",
                    help="a user property to include (repeatable; implies --props)")
     p.add_argument("--resume", action="store_true",
-                   help="skip verified files and reuse export requests younger than 6 days")
+                   help="continue the previous batch in this directory: keep its verified "
+                        "files, reuse its export requests (younger than 6 days), request only "
+                        "what failed or never started")
     p.add_argument("--poll-interval", type=float, default=2.0, metavar="SECONDS",
                    help="first wait before polling an export's status (grows to 30 s)")
 
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", metavar="CG", help="group type (count group) of the ids")
     p.add_argument("--published", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="validate only (skip_save)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="succeed even when no id matched a known user")
 
     p = sub.add_parser("membership", parents=[common], help="add or remove ids in a cohort")
     p.add_argument("operation", choices=["add", "remove"])
@@ -135,9 +142,18 @@ def limits_backend(url: str | None) -> LimitsBackend | None:
     return RedisLimits.from_url(url)
 
 
+def check_credentials() -> None:
+    missing = [name for name in ("AMPLITUDE_API_KEY", "AMPLITUDE_SECRET_KEY")
+               if not os.environ.get(name, "").strip()]
+    if missing:
+        raise InvalidRequestError(f"set {' and '.join(missing)} in the environment (the "
+                                  "project's API key and secret key)")
+
+
 async def run(args: argparse.Namespace, out: IO[str]) -> int:
     if args.command == "demo":
         return await run_demo(pathlib.Path(args.output), out)
+    check_credentials()
     poll = PollPolicy(initial_interval=getattr(args, "poll_interval", 2.0))
     backend = limits_backend(args.limits_url)
     try:

@@ -11,7 +11,6 @@ from typing import IO, Any
 import attrs
 
 from .._exceptions import AmplitudeError
-from .._members import iter_members
 from .._models import CohortOutcome
 from ._live import human_bytes
 
@@ -53,22 +52,19 @@ def is_tty(out: IO[str]) -> bool:
 
 
 
-async def _count_members(path: pathlib.Path) -> int:
-    count = 0
-    async for _row in iter_members(path):
-        count += 1
-    return count
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
 async def summary(outcomes: list[CohortOutcome], started: float, out: IO[str],
-                   as_json: bool, durations: dict[str, float] | None = None) -> None:
-    """The closing table: cohort, members, size, sha256 prefix, seconds, file (or error)."""
+                  as_json: bool, durations: dict[str, float] | None = None) -> None:
+    """The closing table: cohort, members, size, sha256 prefix, seconds, file (or error).
+
+    Member counts come from the transfer itself (counted as each file was written), so the
+    summary needs no second read of the files.
+    """
     durations = durations or {}
-    rows = []
-    for outcome in outcomes:
-        result = outcome.result
-        members = await _count_members(result.path) if result is not None else None
-        rows.append((outcome, members))
+    rows = [(o, o.result.members if o.result is not None else None) for o in outcomes]
     if as_json:
         print_json([{"cohort_id": o.cohort_id, "members": m, "result": o.result,
                       "error": o.error, "seconds": durations.get(o.cohort_id)}
@@ -80,27 +76,31 @@ async def summary(outcomes: list[CohortOutcome], started: float, out: IO[str],
         from rich.table import Table
 
         table = Table("cohort", "members", "size", "sha256", "time", "file / error",
-                      title=f"{len(outcomes)} cohorts in {elapsed:.1f}s")
+                      title=f"{plural(len(outcomes), 'cohort')} in {elapsed:.1f}s")
         for outcome, members in rows:
             r = outcome.result
             took = durations.get(outcome.cohort_id)
             seconds = f"{took:.1f}s" if took is not None else ""
             if r is not None:
-                table.add_row(outcome.cohort_id, f"{members:,}", human_bytes(r.size_bytes),
+                table.add_row(outcome.cohort_id, "" if members is None else f"{members:,}",
+                              human_bytes(r.size_bytes),
                               r.sha256[:12], seconds, str(r.path))
             else:
                 table.add_row(outcome.cohort_id, "", "", "", seconds, f"[red]{outcome.error}[/]")
         Console(file=out).print(table)
     else:
+        out.write("cohort\tmembers\tbytes\tsha256\tseconds\tfile or error\n")
         for outcome, members in rows:
             r = outcome.result
             took = durations.get(outcome.cohort_id)
-            seconds = f"{took:.1f}s" if took is not None else "-"
+            seconds = f"{took:.1f}" if took is not None else "-"
             if r is not None:
-                out.write(f"{outcome.cohort_id}\t{members}\t{r.size_bytes}\t{r.sha256[:12]}"
+                count = "-" if members is None else str(members)
+                out.write(f"{outcome.cohort_id}\t{count}\t{r.size_bytes}\t{r.sha256[:12]}"
                           f"\t{seconds}\t{r.path}\n")
             else:
-                out.write(f"{outcome.cohort_id}\tFAILED\t{outcome.error}\n")
-        out.write(f"{len(outcomes)} cohorts in {elapsed:.1f}s\n")
+                out.write(f"{outcome.cohort_id}\t-\t-\t-\t{seconds}\tFAILED: "
+                          f"{outcome.error}\n")
+        out.write(f"{plural(len(outcomes), 'cohort')} in {elapsed:.1f}s\n")
 
 
