@@ -1,9 +1,5 @@
 """amp_cohorts_async: an asyncio client for Amplitude's Behavioral Cohorts API."""
 
-from __future__ import annotations
-
-from typing import Any
-
 from ._client import CohortsClient
 from ._config import DownloadPolicy, Limits, PollPolicy, RateWindow, RetryPolicy
 from ._exceptions import (
@@ -97,7 +93,8 @@ __all__ = (
 )
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> str:
+    # A lazy __version__: no importlib.metadata work at import time.
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 

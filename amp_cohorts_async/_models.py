@@ -50,6 +50,8 @@ class MembershipIdType(enum.StrEnum):
 
 
 class Operation(enum.StrEnum):
+    """What a membership change does to the cohort."""
+
     ADD = "ADD"
     REMOVE = "REMOVE"
 
@@ -71,6 +73,8 @@ def _wire(name: str) -> dict[str, str]:
 
 @attrs.frozen(kw_only=True)
 class SyncMetadata:
+    """Where a cohort is synced to (``list_cohorts(include_sync_info=True)``)."""
+
     target: str | None = None
     frequency: str | None = None
     last_successful: datetime | None = None
@@ -123,6 +127,8 @@ class CohortRequest:
 
 @attrs.frozen(kw_only=True)
 class RequestStatus:
+    """An export job's state; ``done`` once its file can be fetched."""
+
     request_id: str
     cohort_id: str | None = None
     async_status: str | None = None
@@ -160,6 +166,9 @@ class CohortOutcome:
 
 @attrs.frozen(kw_only=True)
 class Usage:
+    """This month's cohort requests: ``usage`` of ``limit`` spent, ``remaining`` left until
+    ``resets_at``."""
+
     limit: int
     usage: int
     resets_at: datetime
@@ -208,6 +217,8 @@ class MembershipChange:
 
 @attrs.frozen(kw_only=True)
 class MembershipOutcome:
+    """One input change's result: the ids Amplitude skipped (unknown or invalid)."""
+
     skipped_ids: list[str]
     id_type: MembershipIdType | str
     operation: Operation | str
@@ -215,6 +226,8 @@ class MembershipOutcome:
 
 @attrs.frozen(kw_only=True)
 class MembershipResult:
+    """``update_membership``'s result: one outcome per input change, in input order."""
+
     cohort_id: str
     memberships_result: list[MembershipOutcome]
     requests_sent: int = 1

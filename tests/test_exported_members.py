@@ -39,3 +39,31 @@ def test_error_tree() -> None:
 
 def test_version_is_lazy_and_a_string() -> None:
     assert isinstance(amp.__version__, str)
+
+
+def test_dir_shows_only_the_public_surface() -> None:
+    import types
+
+    public = [name for name in dir(amp) if not name.startswith("_") and name.isidentifier()
+              and not isinstance(getattr(amp, name), types.ModuleType)]  # e.g. amp.testing
+    assert set(public) == set(amp.__all__)
+
+
+def test_every_public_class_has_a_docstring() -> None:
+    import inspect
+
+    for name in amp.__all__:
+        obj = getattr(amp, name)
+        if inspect.isclass(obj):
+            doc = inspect.getdoc(obj) or ""
+            assert doc, name
+            assert not doc.startswith(f"{name}("), name  # not attrs' generated one
+
+
+def test_help_documents_every_constructor_parameter() -> None:
+    import inspect
+
+    doc = amp.CohortsClient.__doc__ or ""
+    for parameter in inspect.signature(amp.CohortsClient.__init__).parameters:
+        if parameter != "self":
+            assert parameter in doc, parameter

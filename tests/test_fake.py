@@ -6,8 +6,10 @@ import base64
 import csv
 import gzip
 import io
+import pathlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import httpx
@@ -327,3 +329,57 @@ async def test_standalone_server_module() -> None:
             cohorts = (await http.get("/api/3/cohorts")).json()["cohorts"]
         process.terminate()
     assert [(c["id"], c["size"]) for c in cohorts] == [("abc", 7)]
+
+
+def test_standalone_help_documents_every_flag_and_the_limits(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from amp_cohorts_async.testing.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "Amplitude's real limits" in text
+    assert "--time-scale" in text
+    for flag in ("--host", "--port", "--s3-port", "--cohort", "--job-seconds",
+                 "--inline-threshold", "--gzip", "--api-key", "--secret-key", "--seed"):
+        assert flag in text
+    assert text.count("(default:") >= 10
+
+
+def test_standalone_refuses_cohorts_it_could_never_export(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from amp_cohorts_async.testing.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--cohort", "huge:2000001"])
+    assert "at most 2,000,000" in capsys.readouterr().err
+
+
+async def test_standalone_prints_both_keys_and_scales_its_windows() -> None:
+    import sys
+
+    async with await anyio.open_process(
+        [sys.executable, "-m", "amp_cohorts_async.testing", "--time-scale", "0.05",
+         "--api-key", "k1", "--secret-key", "s1"]
+    ) as process:
+        assert process.stdout is not None
+        text = ""
+        with anyio.fail_after(20):
+            while "limits:" not in text:
+                text += (await process.stdout.receive()).decode()
+        process.terminate()
+    assert "API key: k1  secret key: s1" in text
+    assert "4 cohort requests per 3s" in text
+
+
+async def test_the_pytest_plugin_fixture(fake_amplitude: Any, tmp_path: pathlib.Path) -> None:
+    import time
+
+    started = time.monotonic()
+    fake_amplitude.fake.add_cohort("p", size=50)
+    result = await fake_amplitude.client.download_cohort("p", tmp_path)
+    assert result.members == 50
+    assert fake_amplitude.fake.violations == []
+    assert time.monotonic() - started < 5.0  # a 10 s export job, in virtual time

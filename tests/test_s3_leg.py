@@ -27,10 +27,11 @@ def threads_in_the_leg() -> list[str]:
     names = []
     for frame in sys._current_frames().values():
         while frame is not None:
-            if frame.f_code.co_name in ("pump_blocking", "read_into", "open"):
-                if "amp_cohorts_async" in frame.f_code.co_filename:
-                    names.append(frame.f_code.co_name)
-                    break
+            code = frame.f_code
+            if (code.co_name in ("pump_blocking", "read_into", "open")
+                    and "amp_cohorts_async" in code.co_filename):
+                names.append(code.co_name)
+                break
             frame = frame.f_back  # type: ignore[assignment]
     return names
 
@@ -43,7 +44,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
                     str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
                    capture_output=True)
-    yield str(cert), str(key)
+    return str(cert), str(key)
 
 
 def server_context(certificate: tuple[str, str]) -> ssl.SSLContext:

@@ -1,6 +1,10 @@
-"""``python -m amp_cohorts_async.testing``: FakeAmplitude as a standalone loopback server.
+"""python -m amp_cohorts_async.testing: FakeAmplitude as a standalone loopback server.
 
-Point any client (curl, another language) at the printed base URL with the printed keys.
+Point any client (amp-cohorts, curl, another language) at the printed base URL with the
+printed API key and secret key. The emulator enforces Amplitude's real limits (5 concurrent
+requests, 4 cohort requests per minute and 60 per 10 minutes, 500 a month, 100,000 ids per
+request, 2M members per cohort) and records every breach; --time-scale 0.05 shrinks the rate
+windows twenty-fold for quick experiments (the client must use the same scaled Limits).
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ import argparse
 import asyncio
 import sys
 
+import attrs
+
+from .._config import Limits, RateWindow
 from ._fake import FakeAmplitude
 
 
@@ -22,24 +29,51 @@ def _cohort(spec: str) -> tuple[str, int, tuple[str, ...]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m amp_cohorts_async.testing",
-                                     description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--s3-port", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="python -m amp_cohorts_async.testing", description=__doc__,
+        formatter_class=_Formatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0,
+                        help="port of the Amplitude API (0: any free port)")
+    parser.add_argument("--s3-port", type=int, default=0,
+                        help="port of the S3 stand-in that large exports redirect to")
     parser.add_argument("--cohort", type=_cohort, action="append", default=[],
-                        metavar="ID:SIZE[:PROPS]", help="add a cohort (repeatable)")
-    parser.add_argument("--job-seconds", type=float, default=2.0)
-    parser.add_argument("--inline-threshold", type=int, default=64 * 1024)
-    parser.add_argument("--gzip", action="store_true")
-    parser.add_argument("--api-key", default="test-api-key")
-    parser.add_argument("--secret-key", default="test-secret-key")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+                        metavar="ID:SIZE[:PROPS]",
+                        help="add a cohort of SIZE generated members, with user property "
+                             "columns PROPS (comma-separated); repeatable "
+                             "(default: demo:1000:city%(default).0s)")
+    parser.add_argument("--job-seconds", type=float, default=2.0,
+                        help="how long each export job takes")
+    parser.add_argument("--inline-threshold", type=int, default=64 * 1024,
+                        help="exports larger than this many bytes redirect to the S3 stand-in")
+    parser.add_argument("--gzip", action="store_true", help="serve exports gzip-encoded")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="multiply the cohort-request rate windows by this")
+    parser.add_argument("--api-key", default="test-api-key", help="the API key it accepts")
+    parser.add_argument("--secret-key", default="test-secret-key",
+                        help="the secret key it accepts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated members")
+    args = parser.parse_args(argv)
+    if not args.time_scale > 0:
+        parser.error("--time-scale must be > 0")
+    limit = Limits().max_cohort_size
+    for cohort_id, size, _props in args.cohort:
+        if size > limit:
+            parser.error(f"cohort {cohort_id} has {size:,} members; Amplitude exports at most "
+                         f"{limit:,} (it could never be downloaded)")
+    return args
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, and the description as written."""
 
 
 async def run(args: argparse.Namespace) -> None:
-    with FakeAmplitude(api_key=args.api_key, secret_key=args.secret_key,
+    defaults = Limits()
+    limits = attrs.evolve(defaults, cohort_requests=tuple(
+        RateWindow(w.max_requests, w.seconds * args.time_scale)
+        for w in defaults.cohort_requests))
+    with FakeAmplitude(api_key=args.api_key, secret_key=args.secret_key, limits=limits,
                        job_duration=args.job_seconds, inline_threshold=args.inline_threshold,
                        gzip=args.gzip, seed=args.seed) as fake:
         for cohort_id, size, props in args.cohort or [("demo", 1000, ("city",))]:
@@ -47,7 +81,11 @@ async def run(args: argparse.Namespace) -> None:
         async with fake.serve(args.host, args.port, args.s3_port) as base_url:
             print(f"FakeAmplitude listening on {base_url}", flush=True)
             print(f"S3 stand-in on {fake.s3_origin}", flush=True)
-            print(f"API key: {args.api_key} (secret key as given)", flush=True)
+            print(f"API key: {args.api_key}  secret key: {args.secret_key}", flush=True)
+            print("limits: " + ", ".join(f"{w.max_requests} cohort requests per {w.seconds:g}s"
+                                         for w in limits.cohort_requests)
+                  + f", {limits.max_concurrent_requests} concurrent (Amplitude's; scale the "
+                  "windows with --time-scale)", flush=True)
             await asyncio.Event().wait()
 
 
