@@ -30,6 +30,7 @@ __all__ = (
     "Permit",
     "PermitRequest",
     "PermitWait",
+    "ReleaseSignal",
     "Settlement",
     "SlidingWindowLog",
 )
@@ -137,6 +138,24 @@ class LimitsBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
+class ReleaseSignal:
+    """Wakes the waiters of this process when a permit is released (made lazily: loop-bound)."""
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def fire(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self, at_most: float) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
+        with anyio.move_on_after(at_most):
+            await self._event.wait()
+
+
 class SlidingWindowLog:
     """An exact log of answered cohort requests for one RateWindow, plus those in flight."""
 
@@ -186,7 +205,7 @@ class InMemoryLimits:
         self.paused_until = -math.inf
         self._usage: dict[str, int] = {}
         self._tokens = itertools.count(1)
-        self._released: anyio.Event | None = None
+        self._released = ReleaseSignal()
 
     def __repr__(self) -> str:
         return f"InMemoryLimits(slots_in_use={self.slots_in_use})"
@@ -242,9 +261,7 @@ class InMemoryLimits:
                     log.settle(at if stamped else None)
                 if settlement is not None and settlement.refund:
                     self._usage[permit.month] = max(0, self._usage.get(permit.month, 0) - 1)
-        if self._released is not None:
-            self._released.set()
-            self._released = None
+        self._released.fire()
         return 0
 
     async def renew(self, permits: Sequence[Permit]) -> int:
@@ -254,10 +271,7 @@ class InMemoryLimits:
         self.paused_until = max(self.paused_until, anyio.current_time() + seconds)
 
     async def wait_for_release(self, at_most: float) -> None:
-        if self._released is None:
-            self._released = anyio.Event()
-        with anyio.move_on_after(at_most):
-            await self._released.wait()
+        await self._released.wait(at_most)
 
     async def set_known_usage(self, month: str, usage: int) -> None:
         # The server's count wins, except that requests we sent may not be in it yet.

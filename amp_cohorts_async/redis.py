@@ -32,8 +32,6 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import anyio
-
 from ._config import Limits
 from ._exceptions import InvalidRequestError, QuotaExceededError
 from ._limits import (
@@ -42,6 +40,7 @@ from ._limits import (
     Permit,
     PermitRequest,
     PermitWait,
+    ReleaseSignal,
     Settlement,
 )
 
@@ -223,7 +222,7 @@ class RedisLimits:
         self._limits: Limits | None = None
         self._app: str | None = None
         self._prefix = ""
-        self._released: anyio.Event | None = None
+        self._released = ReleaseSignal()
         self._reported: set[str] = set()
         self._acquire = redis_client.register_script(_ACQUIRE)
         self._release = redis_client.register_script(_RELEASE)
@@ -344,9 +343,7 @@ class RedisLimits:
              int(settlement is not None and settlement.refund),
              math.ceil((longest + 60.0) * 1000)],
         )
-        if self._released is not None:
-            self._released.set()
-            self._released = None
+        self._released.fire()
         already = sum(1 for p in permits if p.token in self._reported)
         self._reported.difference_update(p.token for p in permits)
         return max(0, int(lost) - already)
@@ -365,10 +362,7 @@ class RedisLimits:
 
     async def wait_for_release(self, at_most: float) -> None:
         # A release in this process wakes us at once; one elsewhere within ``recheck``.
-        if self._released is None:
-            self._released = anyio.Event()
-        with anyio.move_on_after(at_most):
-            await self._released.wait()
+        await self._released.wait(at_most)
 
     async def set_known_usage(self, month: str, usage: int) -> None:
         await self._run(self._known_usage, [self._quota_key(month)], [usage])

@@ -8,6 +8,7 @@ import pathlib
 import signal
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -193,14 +194,7 @@ async def test_progress_renders_under_a_terminal(
                  "--poll-interval", "0.3", "--base-url", base_url],
         env=env_for(fake), dimensions=(40, 120), timeout=30,
     )
-    screen = b""
-    while True:
-        try:
-            screen += await anyio.to_thread.run_sync(child.read_nonblocking, 65536, 20)
-        except pexpect.EOF:
-            break
-    child.close()
-    text = screen.decode("utf-8", "replace")
+    text = await read_screen(child)
     for phase in ("export requested", "export running", "done", "cohorts"):
         assert phase in text, phase
     assert "\x1b[" in text  # a live, redrawn display, not plain lines
@@ -268,6 +262,17 @@ async def test_the_countdown_ticks_and_names_amplitudes_pause(
                  "--base-url", base_url],
         env=env_for(fake), dimensions=(40, 120), timeout=30,
     )
+    text = await read_screen(child)
+    assert "Amplitude asked to wait (429)" in text
+    left = {n for n in range(6) if f"asked to wait (429), {n}s left" in text}
+    assert len(left) >= 3, left  # 4s, 3s, 2s, 1s...: the countdown moved between events
+    assert child.exitstatus == 0
+
+
+async def read_screen(child: Any) -> str:
+    """Everything a pseudo-terminal child printed until it exited."""
+    import pexpect
+
     screen = b""
     while True:
         try:
@@ -275,8 +280,4 @@ async def test_the_countdown_ticks_and_names_amplitudes_pause(
         except pexpect.EOF:
             break
     child.close()
-    text = screen.decode("utf-8", "replace")
-    assert "Amplitude asked to wait (429)" in text
-    left = {n for n in range(6) if f"asked to wait (429), {n}s left" in text}
-    assert len(left) >= 3, left  # 4s, 3s, 2s, 1s...: the countdown moved between events
-    assert child.exitstatus == 0
+    return screen.decode("utf-8", "replace")
