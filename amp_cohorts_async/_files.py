@@ -120,8 +120,7 @@ class AtomicWriter:
         self._hash = hashlib.sha256()
         self._gunzip: Any = None
         self._head: bytes | None = b""  # the first line while it arrives; None once checked
-        self._row_ends = 0  # '"' then newline: where a record of the all-quoted format ends
-        self._after_quote = False
+        self._line_breaks = 0
 
     def _check_head(self, data: bytes | memoryview, *, final: bool = False) -> None:
         assert self._head is not None
@@ -196,15 +195,17 @@ class AtomicWriter:
 
     @property
     def rows(self) -> int:
-        """Members written so far: records after the header, counted as they were written."""
-        return max(0, self._row_ends - 1)
+        """Members written so far: line breaks after the header's, counted as written.
+
+        A single-byte count runs at memory speed (a two-byte '"\\n' count, exact for quoted
+        line breaks inside values, measured 3x slower and was the leg's largest cost); a
+        property value holding a line break, which Amplitude exports rarely carry, counts one
+        extra member.
+        """
+        return max(0, self._line_breaks - 1)
 
     def _count_rows(self, data: bytes | bytearray, end: int) -> None:
-        if end:
-            self._row_ends += data.count(b'"\n', 0, end)
-            if self._after_quote and data[0] == 0x0A:  # '"' ended the previous piece
-                self._row_ends += 1
-            self._after_quote = data[end - 1] == 0x22
+        self._line_breaks += data.count(b"\n", 0, end)
 
     def _write_tail(self, data: bytes | memoryview) -> None:
         assert self._file is not None

@@ -7,6 +7,8 @@ instead of the exact sliding log. Plugged in as a ``LimitsBackend``.
 
 from __future__ import annotations
 
+import math
+
 from aiolimiter import AsyncLimiter
 
 import amp_cohorts_async as amp
@@ -39,8 +41,10 @@ class AiolimiterLimits(amp.InMemoryLimits):
     async def acquire(self, request: amp.PermitRequest) -> amp.Permit | amp.PermitWait:
         if not request.cohort:
             return await super().acquire(request)
+        if request.slot:
+            # Not both at once: the scheduler then asks for the cohort part alone, then the slot.
+            return amp.PermitWait(math.inf, "slots")
         assert self.limits is not None
-        assert not request.slot
         if self._limiters is None:
             self._limiters = [_VirtualTimeSafeLimiter(w.max_requests, w.seconds)
                               for w in self.limits.cohort_requests]
