@@ -237,7 +237,9 @@ class Scheduler:
     async def _sleep_out_pause(self, remaining: float, on_wait: WaitCallback | None) -> None:
         # Spread the restart a little so a crowd does not hit the server at one instant.
         end = anyio.current_time() + remaining + self.rng.uniform(0.0, min(1.0, remaining * 0.1))
-        while (left := end - anyio.current_time()) > 0:
+        # Stop within a millisecond of the end: a clock that rounds (virtual time does) could
+        # otherwise wake a hair early forever.
+        while (left := end - anyio.current_time()) > 1e-3:
             if on_wait is not None:
                 on_wait(left, "amplitude")  # a 429: Amplitude asked everyone to wait
             await anyio.sleep(min(left, WAIT_STEP))
