@@ -168,9 +168,13 @@ async def test_ctrl_c_then_resume_spends_no_extra_quota(
         with anyio.fail_after(20):
             code = await process.wait()
         assert process.stderr is not None
+        assert process.stdout is not None
         err = (await process.stderr.receive()).decode()
+        out = (await process.stdout.receive()).decode()
     assert code == 130
     assert "--resume" in err
+    assert "large: cancelled" in out  # stopped, not failed
+    assert "large: failed" not in out
     assert not (tmp_path / "large.csv").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
     assert (tmp_path / ".amp-cohorts-journal.json").exists()
@@ -281,3 +285,44 @@ async def read_screen(child: Any) -> str:
             break
     child.close()
     return screen.decode("utf-8", "replace")
+
+
+async def test_env_base_url_and_a_refused_connection_fail_fast(
+    tmp_path: pathlib.Path
+) -> None:
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    env = {**os.environ, "AMPLITUDE_API_KEY": "k", "AMPLITUDE_SECRET_KEY": "s",
+           "AMPLITUDE_BASE_URL": f"http://127.0.0.1:{port}"}
+    started = time.monotonic()
+    result = await anyio.run_process([*CLI, "list"], env=env, check=False)
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    assert err.startswith(f"error: connection refused by 127.0.0.1:{port}")
+    assert err.count("\n") == 1
+    assert time.monotonic() - started < 5  # no silent retries
+
+
+async def test_the_command_without_rich_prints_plain_lines(
+    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+) -> None:
+    """Installed without the cli extra, on a terminal: plain lines and one note."""
+    import pexpect
+
+    fake, base_url = served
+    blocker = tmp_path / "no_rich"
+    blocker.mkdir()
+    (blocker / "rich.py").write_text("raise ModuleNotFoundError(name='rich')\n")
+    child = pexpect.spawn(
+        CLI[0], [*CLI[1:], "download", "small", "-o", str(tmp_path / "out"),
+                 "--poll-interval", "0.1", "--base-url", base_url],
+        env={**env_for(fake), "PYTHONPATH": str(blocker)}, dimensions=(40, 120), timeout=30,
+    )
+    text = await read_screen(child)
+    assert child.exitstatus == 0, text
+    assert text.count("install amp-cohorts-async[cli] for a live view") == 1
+    assert "small: done" in text

@@ -108,7 +108,8 @@ async def cmd_download(client: CohortsClient, args: argparse.Namespace, out: IO[
                    f"last 6 days; --resume keeps them and spends no quota on them\n")
     spent_before = client.scheduler.cohort_requests_spent
     started = time.monotonic()
-    view = ProgressView(list(dict.fromkeys(ids)), stream=info, live=is_tty(info))
+    # On a terminal without rich the view itself falls back to plain lines, saying so once.
+    view = ProgressView(list(dict.fromkeys(ids)), stream=info, live=info.isatty())
     with view:
         outcomes = await client.download_cohorts(
             targets, str(directory), props=props, prop_keys=tuple(args.prop_key),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import time
@@ -48,7 +49,17 @@ def report(args: argparse.Namespace, out: IO[str], value: Any, text: str) -> int
 
 
 def is_tty(out: IO[str]) -> bool:
-    return out.isatty()
+    """Whether to draw tables and live views: a terminal, and rich installed (the cli extra)."""
+    return out.isatty() and rich_available()
+
+
+@functools.cache
+def rich_available() -> bool:
+    try:
+        import rich.console  # noqa: F401 - the cli extra is optional
+    except ModuleNotFoundError:
+        return False
+    return True
 
 
 
