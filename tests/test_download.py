@@ -502,3 +502,20 @@ async def test_members_are_counted_as_the_file_is_written(
             big = await client.download_cohort("big", tmp_path, props=True)
     assert small.members == 7
     assert big.members == 30_000
+
+
+@pytest.mark.looptime
+async def test_a_long_wait_is_announced_again_as_it_runs_down(
+    fake: FakeAmplitude, tmp_path: pathlib.Path
+) -> None:
+    ids = [fake.add_cohort(size=2).id for _ in range(5)]  # the fifth waits ~60 s for the window
+    events: list[amp.ProgressEvent] = []
+    async with client_for(fake) as client:
+        await client.download_cohorts(ids, tmp_path, on_progress=events.append)
+    waits = [e for e in events if e.cohort_id == ids[4] and e.phase == "waiting"]
+    assert len(waits) >= 10  # every few seconds, not once
+    left = [e.wait_seconds for e in waits if e.wait_seconds is not None]
+    assert left == sorted(left, reverse=True)  # time left, running down
+    assert left[0] > 50
+    assert left[-1] < 6
+    assert {e.wait_reason for e in waits} == {"limits"}
