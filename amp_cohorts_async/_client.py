@@ -43,7 +43,7 @@ from ._models import (
 from ._scheduler import Scheduler
 from ._send import Sender
 from ._upload import Uploader
-from ._validate import export_options, require_bool, require_id
+from ._validate import export_options, require_bool, require_id, text_path
 
 if TYPE_CHECKING:  # annotations of the public signature only; httpx is used by _http.py
     import httpx
@@ -352,11 +352,7 @@ class CohortsClient:
         export = export_options(props, prop_keys)
         callback = _progress_callback(on_progress)
         require_bool(resume, "resume")
-        if not isinstance(dest_dir, str | PathLike) or not isinstance(
-            os.fspath(dest_dir), str
-        ) or not os.fspath(dest_dir) or "\x00" in os.fspath(dest_dir):
-            raise InvalidRequestError(f"dest_dir must be a text path, got {dest_dir!r}")
-        directory = pathlib.Path(dest_dir)
+        directory = pathlib.Path(text_path(dest_dir, "dest_dir"))
         try:
             await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):

@@ -15,12 +15,12 @@ import re
 import secrets
 import zlib
 from collections.abc import AsyncIterator, Callable
-from os import PathLike
 from typing import IO, Any
 
 import anyio
 
 from ._exceptions import DownloadError, InvalidRequestError
+from ._validate import text_path
 
 __all__ = ("AtomicWriter", "resolve_target", "safe_filename")
 
@@ -67,11 +67,7 @@ def safe_filename(cohort_id: str, suffix: str = ".csv") -> str:
 
 def resolve_target(dest: Any, cohort_id: str | None) -> pathlib.Path:
     """``dest`` itself, or ``dest/<safe cohort id>.csv`` when ``dest`` is a directory."""
-    if not isinstance(dest, str | PathLike):
-        raise InvalidRequestError(f"dest must be a path, got {type(dest).__name__}")
-    text = os.fspath(dest)
-    if not isinstance(text, str) or text == "" or "\x00" in text:
-        raise InvalidRequestError("dest must be a non-empty text path without NUL bytes")
+    text = text_path(dest, "dest")
     path = pathlib.Path(text)
     if text.endswith(("/", os.sep)) and not path.is_dir():
         try:  # "DIR/" names a directory: create it, as mkdir -p would

@@ -18,7 +18,6 @@ import contextlib
 import csv
 import gzip
 import itertools
-import os
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from os import PathLike
@@ -29,6 +28,7 @@ import anyio.lowlevel
 import attrs
 
 from ._exceptions import InvalidRequestError, ResponseValidationError
+from ._validate import text_path
 
 __all__ = ("MemberBatch", "iter_member_batches", "iter_members")
 
@@ -66,15 +66,6 @@ def _is_tabbed(row: list[str]) -> bool:
     return bool(present) and all(value[:1] == "\t" for value in present)
 
 
-def checked_path(path: object) -> str:
-    if not isinstance(path, str | PathLike):
-        raise InvalidRequestError(f"path must be a file path, got {type(path).__name__}")
-    name = os.fspath(path)
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise InvalidRequestError(f"path must be a non-empty text path, got {path!r}")
-    return name
-
-
 @contextlib.contextmanager
 def unreadable_as_errors(name: str) -> Iterator[None]:
     """A file that cannot be read as a cohort export raises the library's errors.
@@ -106,7 +97,7 @@ async def iter_member_batches(
     Constant memory; the fastest way through a big file. Breaking out early leaves the file to
     be closed when the iterator is finalised; ``contextlib.aclosing`` closes it at once.
     """
-    name = checked_path(path)
+    name = text_path(path, "path")
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or not (
         1 <= batch_rows <= _MAX_BATCH_ROWS
     ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -15,6 +16,7 @@ __all__ = (
     "require_bool",
     "require_id",
     "require_text",
+    "text_path",
     "text_sequence",
 )
 
@@ -67,3 +69,13 @@ def text_sequence(value: Any, name: str) -> tuple[str, ...]:
     for item in value:
         require_text(item, f"each of {name}")
     return tuple(value)
+
+
+def text_path(value: Any, name: str) -> str:
+    """A filesystem path given as ``str`` or ``os.PathLike``: non-empty text, no NUL byte."""
+    if not isinstance(value, str | os.PathLike):
+        raise InvalidRequestError(f"{name} must be a path, got {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise InvalidRequestError(f"{name} must be a non-empty text path without NUL bytes")
+    return text

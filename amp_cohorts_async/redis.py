@@ -221,6 +221,8 @@ class RedisLimits:
         self._url = _safe_url(url)
         self._limits: Limits | None = None
         self._app: str | None = None
+        self._longest_us = 0
+        self._stamps_ttl_ms = 60_000
         self._prefix = ""
         self._released = ReleaseSignal()
         self._reported: set[str] = set()
@@ -275,6 +277,10 @@ class RedisLimits:
             return
         self._limits = limits
         self._app = namespace
+        longest = max((w.seconds for w in limits.cohort_requests), default=0.0)
+        self._longest_us = round(longest * _MICRO)
+        # Stamps outlive the longest window by a minute, then Redis drops the whole log.
+        self._stamps_ttl_ms = math.ceil((longest + 60.0) * 1000)
         # The braces make every key of one app hash to one slot (Redis Cluster).
         self._prefix = f"amp-cohorts:{{{namespace}}}"
 
@@ -307,7 +313,6 @@ class RedisLimits:
         windows: list[Any] = []
         for window in limits.cohort_requests:
             windows += [window.max_requests, round(window.seconds * _MICRO)]
-        longest = max((w.seconds for w in limits.cohort_requests), default=0.0)
         reply = await self._run(
             self._acquire,
             [self._key("slots"), self._key("inflight"), self._key("stamps"),
@@ -315,7 +320,7 @@ class RedisLimits:
             [int(request.slot), int(request.cohort), limits.max_concurrent_requests,
              round(self.lease_ttl * _MICRO), token,
              -1 if request.quota is None else request.quota, round(WINDOW_EDGE * _MICRO),
-             round(longest * _MICRO), *windows],
+             self._longest_us, *windows],
         )
         verdict, value = reply[0], int(reply[1])
         if verdict == "ok":
@@ -332,8 +337,6 @@ class RedisLimits:
     async def release(self, permits: Sequence[Permit], settlement: Settlement | None) -> int:
         slot = next((p.token for p in permits if p.slot), "")
         cohort = next((p for p in permits if p.cohort), None)
-        longest = max((w.seconds for w in self._limits.cohort_requests), default=0.0) \
-            if self._limits is not None else 0.0
         lost = await self._run(
             self._release,
             [self._key("slots"), self._key("inflight"), self._key("stamps"),
@@ -341,7 +344,7 @@ class RedisLimits:
             [slot, cohort.token if cohort else "",
              int(settlement is not None and settlement.stamp),
              int(settlement is not None and settlement.refund),
-             math.ceil((longest + 60.0) * 1000)],
+             self._stamps_ttl_ms],
         )
         self._released.fire()
         already = sum(1 for p in permits if p.token in self._reported)

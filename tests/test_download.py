@@ -405,40 +405,42 @@ async def test_bad_batch_arguments(client: amp.CohortsClient, fake: FakeAmplitud
 async def test_known_sizes_start_the_largest_first(
     fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
 ) -> None:
-    for i, size in enumerate([5, 50, 20, 40, 10, 30]):
-        fake.add_cohort(f"s{i}", size=size)
+    add_sized(fake, [5, 50, 20, 40, 10, 30])
     cohorts = [c for c in await client.list_cohorts() if c.id[1:].isdigit()]
     outcomes = await client.download_cohorts(cohorts, tmp_path)
     assert [o.cohort_id for o in outcomes] == [c.id for c in cohorts]  # input order kept
-    requested = [e.path.rsplit("/", 1)[1] for e in fake.requests_to("request")]
-    assert requested == ["s1", "s3", "s5", "s2", "s4", "s0"]
+    assert requested_order(fake) == ["s1", "s3", "s5", "s2", "s4", "s0"]
+
+
+def add_sized(fake: FakeAmplitude, sizes: list[int]) -> list[str]:
+    return [fake.add_cohort(f"s{i}", size=size).id for i, size in enumerate(sizes)]
+
+
+def requested_order(fake: FakeAmplitude) -> list[str]:
+    """The cohorts in the order their export was requested."""
+    return [e.path.rsplit("/", 1)[1] for e in fake.requests_to("request")]
 
 
 @pytest.mark.looptime
 async def test_given_ids_one_list_call_orders_the_batch_by_size(
     fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
 ) -> None:
-    for i, size in enumerate([5, 50, 20, 40, 10, 30]):
-        fake.add_cohort(f"s{i}", size=size)
-    ids = [f"s{i}" for i in range(6)]
+    ids = add_sized(fake, [5, 50, 20, 40, 10, 30])
     outcomes = await client.download_cohorts(ids, tmp_path)
     assert [o.cohort_id for o in outcomes] == ids
     assert len(fake.requests_to("list")) == 1  # costs no quota
-    requested = [e.path.rsplit("/", 1)[1] for e in fake.requests_to("request")]
-    assert requested == ["s1", "s3", "s5", "s2", "s4", "s0"]
+    assert requested_order(fake) == ["s1", "s3", "s5", "s2", "s4", "s0"]
 
 
 @pytest.mark.looptime
 async def test_a_batch_still_runs_when_the_list_fails(
     fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
 ) -> None:
-    for i, size in enumerate([5, 50]):
-        fake.add_cohort(f"s{i}", size=size)
+    ids = add_sized(fake, [5, 50])
     fake.inject("list", "status", status=403, times=1)  # e.g. a key that may not list
-    outcomes = await client.download_cohorts(["s0", "s1"], tmp_path)
+    outcomes = await client.download_cohorts(ids, tmp_path)
     assert all(o.ok for o in outcomes)
-    requested = [e.path.rsplit("/", 1)[1] for e in fake.requests_to("request")]
-    assert requested == ["s0", "s1"]  # input order
+    assert requested_order(fake) == ["s0", "s1"]  # input order
 
 
 @pytest.mark.parametrize(
