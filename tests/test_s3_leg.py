@@ -3,28 +3,30 @@ cancellation stops the thread and leaves nothing, TLS verification holds, progre
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pathlib
 import random
 import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
 
 import anyio
 import httpx
 import pytest
 
 import amp_cohorts_async as amp
+from amp_cohorts_async._digest import BackgroundDigest
 from amp_cohorts_async.testing import FakeAmplitude
 
 POLL = amp.PollPolicy(initial_interval=0.05, max_interval=0.2)
 
 
 def threads_in_the_leg() -> list[str]:
-    """Threads whose stack is inside the blocking S3 leg right now."""
-    names = []
+    """Threads whose stack is inside the blocking S3 leg right now, and digest threads alive."""
+    names = [thread.name for thread in threading.enumerate() if thread.name == "amp-digest"]
     for frame in sys._current_frames().values():
         while frame is not None:
             code = frame.f_code
@@ -37,7 +39,7 @@ def threads_in_the_leg() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
@@ -97,6 +99,28 @@ async def test_progress_flows_from_the_thread(tmp_path: pathlib.Path) -> None:
     assert result.members == 60_000  # counted in the thread as written
 
 
+@pytest.mark.parametrize("cut_at", [100, 1_500_000])
+async def test_a_dropped_body_resumes_with_every_byte_hashed_and_counted_once(
+    tmp_path: pathlib.Path, cut_at: int
+) -> None:
+    """The digest thread has hashed and counted exactly what was written when the connection
+    drops, so the resumed transfer's sha256 and member count are the whole file's."""
+    with FakeAmplitude(inline_threshold=1024, job_duration=0.05) as fake:
+        fake.add_cohort("big", size=60_000)
+        fake.inject("s3", "cut", after_bytes=cut_at)
+        async with fake.serve() as base_url, amp.CohortsClient(
+            fake.api_key, fake.secret_key, base_url=base_url, poll=POLL,
+        ) as client:
+            result = await client.download_cohort("big", tmp_path)
+            export = fake.export_bytes(result.request_id)
+        ranges = [entry.headers.get("range") for entry in fake.requests_to("s3")]
+    assert ranges == [None, f"bytes={cut_at}-"]  # resumed where the drop left it
+    assert result.path.read_bytes() == export
+    assert result.sha256 == hashlib.sha256(export).hexdigest()
+    assert result.members == 60_000
+    assert threads_in_the_leg() == []
+
+
 async def test_an_untrusted_certificate_is_refused(
     tmp_path: pathlib.Path, certificate: tuple[str, str]
 ) -> None:
@@ -136,3 +160,25 @@ async def test_a_borrowed_client_keeps_its_own_verification(
                                   poll=POLL, http_client=borrowed) as client:
             result = await client.download_cohort("big", tmp_path)
     assert result.size_bytes > 3_000 * 10
+
+
+@pytest.mark.parametrize("fail_after", [None, 0, 3, 7])
+def test_the_digest_covers_exactly_what_was_submitted(fail_after: int | None) -> None:
+    """Left normally or by an error, the digest thread has hashed and counted every buffer
+    submitted (in order) and nothing else, and it has ended."""
+    pieces = [random.Random(i).randbytes(random.Random(i).randint(1, 4096)).replace(b"\r", b"\n")
+              for i in range(10)]
+    submitted: list[bytes] = []
+    digest = BackgroundDigest(hashlib.sha256(), size=4096, depth=2)
+    with contextlib.suppress(RuntimeError), digest:
+        for index, piece in enumerate(pieces):
+            if index == fail_after:
+                raise RuntimeError("the connection dropped")
+            buffer = digest.take()
+            buffer[: len(piece)] = piece
+            digest.submit(buffer, len(piece))
+            submitted.append(piece)
+    whole = b"".join(submitted)
+    assert digest.hash.hexdigest() == hashlib.sha256(whole).hexdigest()  # type: ignore[attr-defined]
+    assert digest.line_breaks == whole.count(b"\n")
+    assert not any(thread.name == "amp-digest" for thread in threading.enumerate())

@@ -1,0 +1,73 @@
+"""sha256 and the line count of a body, in a thread of its own beside the one that writes it.
+
+On the threaded S3 leg one thread receives and writes each buffer while this one hashes it
+and counts its line breaks (for ``DownloadResult.members``). ``hashlib`` releases the GIL while
+it hashes, so the two threads run in parallel; only the count holds the GIL, and it is short.
+Measured with benchmarks/download.py's setup (177 MB, 2 cores, medians of 9 alternating runs,
+two rounds): counting in the receiving thread took 0.189-0.192 s per transfer, counting here
+after the hash 0.175-0.176 s, half in each 0.186-0.189 s (curl -o: 0.149-0.151 s).
+
+The buffers cycle through a small pool, so memory stays at ``depth`` buffers and the receiver
+waits when this thread falls behind.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from types import TracebackType
+from typing import Any, Protocol
+
+__all__ = ("BackgroundDigest",)
+
+
+class _Hash(Protocol):
+    def update(self, data: Any, /) -> None: ...
+
+
+class BackgroundDigest:
+    """A pool of ``depth`` buffers of ``size`` bytes; what is submitted is hashed and counted.
+
+    Use as a context manager from one (blocking) thread: ``take()`` a buffer, fill it,
+    ``submit()`` it with the number of bytes filled. Leaving the block waits until every
+    submitted byte is hashed and counted, even when it is left by an exception, so
+    ``hash`` and ``line_breaks`` always cover exactly what was submitted.
+    """
+
+    def __init__(self, digest: _Hash, *, size: int, depth: int = 4) -> None:
+        self.hash = digest
+        self.line_breaks = 0
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(depth):
+            self._free.put(bytearray(size))
+        self._pending: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="amp-digest", daemon=True)
+
+    def __enter__(self) -> BackgroundDigest:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._pending.put(None)
+        self._thread.join()
+
+    def take(self) -> bytearray:
+        """A free buffer (waits while all of them are still being hashed)."""
+        return self._free.get()
+
+    def submit(self, buffer: bytearray, filled: int) -> None:
+        """Hash and count ``buffer[:filled]``, then return ``buffer`` to the pool."""
+        self._pending.put((buffer, filled))
+
+    def give_back(self, buffer: bytearray) -> None:
+        """Return an unused buffer to the pool."""
+        self._free.put(buffer)
+
+    def _run(self) -> None:
+        while (item := self._pending.get()) is not None:
+            buffer, filled = item
+            with memoryview(buffer) as view:
+                self.hash.update(view[:filled])
+            self.line_breaks += buffer.count(b"\n", 0, filled)
+            self._free.put(buffer)
