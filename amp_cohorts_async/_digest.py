@@ -2,10 +2,12 @@
 
 On the threaded S3 leg one thread receives and writes each buffer while this one hashes it
 and counts its line breaks (for ``DownloadResult.members``). ``hashlib`` releases the GIL while
-it hashes, so the two threads run in parallel; only the count holds the GIL, and it is short.
-Measured with benchmarks/download.py's setup (177 MB, 2 cores, medians of 9 alternating runs,
-two rounds): counting in the receiving thread took 0.189-0.192 s per transfer, counting here
-after the hash 0.175-0.176 s, half in each 0.186-0.189 s (curl -o: 0.149-0.151 s).
+it hashes, so the two threads run in parallel; only the count (when asked for) holds the GIL.
+Measured with benchmarks/download.py's setup (177 MB, 2 cores shared with the server, medians
+of 9 alternating runs): counting here after the hash 0.175-0.197 s per transfer over three
+rounds, in the receiving thread or half in each no better (0.186-0.196 s), not counting at
+all 0.146 s (curl -o: 0.148-0.151 s). The cores are saturated in that setup, so the count's
+CPU time shows wherever it runs; hence ``DownloadPolicy.count_members``.
 
 The buffers cycle through a small pool, so memory stays at ``depth`` buffers and the receiver
 waits when this thread falls behind.
@@ -26,7 +28,8 @@ class _Hash(Protocol):
 
 
 class BackgroundDigest:
-    """A pool of ``depth`` buffers of ``size`` bytes; what is submitted is hashed and counted.
+    """A pool of ``depth`` buffers of ``size`` bytes; what is submitted is hashed (and its line
+    breaks counted with ``count_lines``).
 
     Use as a context manager from one (blocking) thread: ``take()`` a buffer, fill it,
     ``submit()`` it with the number of bytes filled. Leaving the block waits until every
@@ -34,8 +37,10 @@ class BackgroundDigest:
     ``hash`` and ``line_breaks`` always cover exactly what was submitted.
     """
 
-    def __init__(self, digest: _Hash, *, size: int, depth: int = 4) -> None:
+    def __init__(self, digest: _Hash, *, size: int, depth: int = 4,
+                 count_lines: bool = True) -> None:
         self.hash = digest
+        self.count_lines = count_lines
         self.line_breaks = 0
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(depth):
@@ -69,5 +74,6 @@ class BackgroundDigest:
             buffer, filled = item
             with memoryview(buffer) as view:
                 self.hash.update(view[:filled])
-            self.line_breaks += buffer.count(b"\n", 0, filled)
+            if self.count_lines:
+                self.line_breaks += buffer.count(b"\n", 0, filled)
             self._free.put(buffer)

@@ -137,8 +137,10 @@ class AtomicWriter:
     beyond ``max_gzip_ratio`` times its size (plus 1 MiB of slack for tiny files).
     """
 
-    def __init__(self, target: pathlib.Path, *, max_gzip_ratio: float = 100.0) -> None:
+    def __init__(self, target: pathlib.Path, *, max_gzip_ratio: float = 100.0,
+                 count_members: bool = False) -> None:
         self.target = target
+        self.count_members = count_members
         self.temp = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
         self.max_gzip_ratio = max_gzip_ratio
         self._file: IO[bytes] | None = None
@@ -215,7 +217,7 @@ class AtomicWriter:
     def _pump_plain(self, read_into: Callable[[memoryview], int]) -> int:
         assert self._file is not None
         write_behind = _WriteBehind(self._file, self.size_bytes)
-        digest = BackgroundDigest(self._hash, size=READ_SIZE)
+        digest = BackgroundDigest(self._hash, size=READ_SIZE, count_lines=self.count_members)
         received = 0
         try:
             with digest:
@@ -253,20 +255,21 @@ class AtomicWriter:
         return received
 
     @property
-    def rows(self) -> int:
-        """Members written so far: line breaks after the header's, counted as written.
+    def rows(self) -> int | None:
+        """Members written so far (None unless counted): line breaks after the header's.
 
         A single-byte count runs at memory speed (a two-byte '"\\n' count, exact for quoted
         line breaks inside values, measured 3x slower and was the leg's largest cost); a
         property value holding a line break, which Amplitude exports rarely carry, counts one
         extra member.
         """
-        return max(0, self._line_breaks - 1)
+        return max(0, self._line_breaks - 1) if self.count_members else None
 
     def _write_tail(self, data: bytes) -> None:
         assert self._file is not None
         if data:
-            self._line_breaks += data.count(b"\n")
+            if self.count_members:
+                self._line_breaks += data.count(b"\n")
             if self._head is not None:
                 self._check_head(data)
             _write_in_pieces(self._file, data)

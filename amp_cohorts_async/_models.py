@@ -139,8 +139,9 @@ class RequestStatus:
 class DownloadResult:
     """A cohort file in place: where, how big, its sha256, and how many members it holds.
 
-    ``members`` is counted as the file was written (rows after the header; ``None`` when the
-    file was not written by this call, e.g. kept from an earlier batch).
+    ``members`` is counted as the file was written (rows after the header) when the client's
+    ``DownloadPolicy(count_members=True)`` asks for it; ``None`` otherwise, and when the file
+    was not written by this call (kept from an earlier batch).
     """
 
     cohort_id: str | None

@@ -54,7 +54,8 @@ async def fetch_file(
 ) -> DownloadResult:
     """Fetch the file of ``request_id`` into ``target`` atomically (nothing there on failure)."""
     policy = api.boundary.download_policy
-    async with AtomicWriter(target, max_gzip_ratio=policy.max_gzip_ratio) as writer:
+    async with AtomicWriter(target, max_gzip_ratio=policy.max_gzip_ratio,
+                            count_members=policy.count_members) as writer:
         transfer = _Transfer(api, writer, progress)
         try:
             await api.sender.retrying(

@@ -171,6 +171,8 @@ CONSTRUCTION_CASES: list[tuple[str, Callable[[], object]]] = [
     ("hosts as one string", lambda: amp.DownloadPolicy(extra_hosts="x.com")),  # type: ignore[arg-type]
     ("not a host", lambda: amp.DownloadPolicy(extra_hosts=["not a host"])),
     ("gzip ratio 0", lambda: amp.DownloadPolicy(max_gzip_ratio=0)),
+    ("count_members a string", lambda: amp.DownloadPolicy(count_members="yes")),  # type: ignore[arg-type]
+    ("count_members 1", lambda: amp.DownloadPolicy(count_members=1)),  # type: ignore[arg-type]
     ("no concurrency", lambda: amp.Limits(max_concurrent_requests=0)),
     ("membership ids None", lambda: amp.MembershipChange(ids=None, id_type="BY_ID",  # type: ignore[arg-type]
                                                          operation="ADD")),

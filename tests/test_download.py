@@ -499,11 +499,16 @@ async def test_members_are_counted_as_the_file_is_written(
     with FakeAmplitude(gzip=gzip, inline_threshold=2048) as fake:
         fake.add_cohort("inline", size=7)
         fake.add_cohort("big", size=30_000, properties=("city",))  # through S3, many reads
-        async with client_for(fake) as client:
+        counting = amp.DownloadPolicy(count_members=True)
+        async with client_for(fake, download=counting) as client:
             small = await client.download_cohort("inline", tmp_path)
             big = await client.download_cohort("big", tmp_path, props=True)
+        async with client_for(fake) as client:  # by default, not counted
+            plain = await client.download_cohort("big", tmp_path / "plain/", props=True)
     assert small.members == 7
     assert big.members == 30_000
+    assert plain.members is None
+    assert plain.sha256 == big.sha256
 
 
 @pytest.mark.looptime

@@ -22,6 +22,7 @@ from amp_cohorts_async._digest import BackgroundDigest
 from amp_cohorts_async.testing import FakeAmplitude
 
 POLL = amp.PollPolicy(initial_interval=0.05, max_interval=0.2)
+COUNTING = amp.DownloadPolicy(count_members=True)
 
 
 def threads_in_the_leg() -> list[str]:
@@ -88,7 +89,7 @@ async def test_progress_flows_from_the_thread(tmp_path: pathlib.Path) -> None:
         fake.add_cohort("big", size=60_000)
         fake.inject("s3", "slow", delay=0.1, times=10)
         async with fake.serve() as base_url, amp.CohortsClient(
-            fake.api_key, fake.secret_key, base_url=base_url, poll=POLL,
+            fake.api_key, fake.secret_key, base_url=base_url, poll=POLL, download=COUNTING,
         ) as client:
             result = await client.download_cohort("big", tmp_path, on_progress=events.append)
     downloading = [e.bytes_done for e in events if e.phase == "downloading"]
@@ -109,7 +110,7 @@ async def test_a_dropped_body_resumes_with_every_byte_hashed_and_counted_once(
         fake.add_cohort("big", size=60_000)
         fake.inject("s3", "cut", after_bytes=cut_at)
         async with fake.serve() as base_url, amp.CohortsClient(
-            fake.api_key, fake.secret_key, base_url=base_url, poll=POLL,
+            fake.api_key, fake.secret_key, base_url=base_url, poll=POLL, download=COUNTING,
         ) as client:
             result = await client.download_cohort("big", tmp_path)
             export = fake.export_bytes(result.request_id)

@@ -15,7 +15,7 @@ from typing import IO
 import anyio
 
 from .._client import CohortsClient
-from .._config import Limits, PollPolicy, RateWindow
+from .._config import DownloadPolicy, Limits, PollPolicy, RateWindow
 from .._models import Cohort
 from ..testing import FakeAmplitude
 from ._live import ProgressView
@@ -54,7 +54,7 @@ async def run_demo(output: pathlib.Path, out: IO[str]) -> int:
                                   for w in limits.cohort_requests) + "\n")
             await anyio.Path(output).mkdir(parents=True, exist_ok=True)
             async with CohortsClient("demo-key", "demo-secret", base_url=base_url,
-                                     limits=limits,
+                                     limits=limits, download=DownloadPolicy(count_members=True),
                                      poll=PollPolicy(initial_interval=0.5, max_interval=1.0)
                                      ) as client:
                 cohorts: list[str | Cohort] = list(await client.list_cohorts())

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import IO
 
 from .._client import CohortsClient
-from .._config import REGIONS, PollPolicy
+from .._config import REGIONS, DownloadPolicy, PollPolicy
 from .._exceptions import (
     AmplitudeError,
     AuthenticationError,
@@ -157,8 +157,10 @@ async def run(args: argparse.Namespace, out: IO[str]) -> int:
     poll = PollPolicy(initial_interval=getattr(args, "poll_interval", 2.0))
     backend = limits_backend(args.limits_url)
     try:
+        # The summary shows member counts, counted as the files are written.
         async with CohortsClient(region=args.region, base_url=args.base_url, poll=poll,
-                                 limits_backend=backend) as client:
+                                 limits_backend=backend,
+                                 download=DownloadPolicy(count_members=True)) as client:
             return await COMMANDS[args.command](client, args, out)
     finally:
         if backend is not None:
