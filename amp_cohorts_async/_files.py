@@ -26,7 +26,7 @@ from ._validate import text_path
 __all__ = ("AtomicWriter", "resolve_target", "safe_filename")
 
 READ_SIZE = 1 << 20  # one blocking read of the threaded S3 leg
-WRITE_PIECE = 256 << 10  # bytes per write call (see _write_in_pieces)
+WRITE_PIECE = 64 << 10  # bytes per write call (see _write_in_pieces)
 WRITE_BEHIND = 32 << 20  # bytes between two write-back starts of the threaded leg
 
 
@@ -53,13 +53,14 @@ start_write_back = _sync_file_range()
 def _write_in_pieces(file: IO[bytes], data: bytes | memoryview) -> None:
     """Write ``data`` in ``WRITE_PIECE`` steps.
 
-    Measured on this project's 2-core VM (ext4, Linux 6.18), writing 177 MB to a new file after
-    a bigger file was written and synced: in 1 MiB calls 0.29-0.37 s, in 256 KiB calls
-    0.032-0.036 s, in 16 KiB calls ~0.06 s. Inside a download the same runs show 256 KiB calls
-    taking 0.05-0.07 s in most transfers where 1 MiB calls took 0.3-0.5 s in about half of them,
-    but not all slow runs go away (benchmarks/download.py); the time is inside the kernel's
-    write, and which part of it depends on the call's size was not profiled. Smaller calls
-    cost more in the download (16 KiB: 0.15-0.20 s of writes per transfer, 64 KiB: 0.08-0.13).
+    Measured on this project's 2-core VM (ext4, Linux 6.18), 177 MB downloads timed inside the
+    writing thread: with 1 MiB calls about half the transfers spent 0.2-0.5 s in write instead
+    of 0.05 s; with 256 KiB calls 3 in 14 did, and the thread's CPU time inside write was as
+    long as its wall time (0.472 of 0.479 s in the worst), so the kernel was working, not
+    waiting; /proc/vmstat counted the same page allocations in slow and fast runs. With 128 KiB
+    (14 transfers) and 64 KiB calls (28) none were slow (0.038-0.053 s of CPU in write), while
+    16 KiB calls cost 0.07 s of CPU in every transfer. Why the size of the call matters was not
+    traced further.
     """
     view = memoryview(data)
     for start in range(0, len(view), WRITE_PIECE):
