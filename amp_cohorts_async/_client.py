@@ -118,8 +118,9 @@ class CohortsClient:
         limits_backend: where the limits state lives (``amp.LimitsBackend``): default
             ``InMemoryLimits()``, this process only; ``amp_cohorts_async.redis.RedisLimits``
             shares it with every process and host using the same Redis and app.
-        download: where presigned download links may lead and how far a gzip body may
-            inflate (``DownloadPolicy()``: https to ``*.amazonaws.com``, 100:1).
+        download: where presigned download links may lead, how far a gzip body may inflate,
+            whether members are counted (``DownloadPolicy()``: https to ``*.amazonaws.com``,
+            100:1, not counted).
         wall_clock: the clock (aware ``datetime``) that decides the quota month (UTC) and the
             age of resume journal entries; default ``datetime.now(UTC)``. For replays and tests.
         seed: seeds the random jitter of retries, polls and restarts after a pause, so a run
