@@ -20,6 +20,8 @@ import threading
 from types import TracebackType
 from typing import Any, Protocol
 
+from ._exceptions import DownloadError
+
 __all__ = ("BackgroundDigest",)
 
 
@@ -42,7 +44,8 @@ class BackgroundDigest:
         self.hash = digest
         self.count_lines = count_lines
         self.line_breaks = 0
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._failure: BaseException | None = None
+        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         for _ in range(depth):
             self._free.put(bytearray(size))
         self._pending: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
@@ -56,10 +59,16 @@ class BackgroundDigest:
                  tb: TracebackType | None) -> None:
         self._pending.put(None)
         self._thread.join()
+        if self._failure is not None and exc_type is None:
+            raise DownloadError(f"the digest thread failed: {self._failure!r}") from self._failure
 
     def take(self) -> bytearray:
         """A free buffer (waits while all of them are still being hashed)."""
-        return self._free.get()
+        buffer = self._free.get()
+        if buffer is None:  # the digest thread failed: no buffer will ever come back
+            self._free.put(None)
+            raise DownloadError(f"the digest thread failed: {self._failure!r}") from self._failure
+        return buffer
 
     def submit(self, buffer: bytearray, filled: int) -> None:
         """Hash and count ``buffer[:filled]``, then return ``buffer`` to the pool."""
@@ -70,10 +79,15 @@ class BackgroundDigest:
         self._free.put(buffer)
 
     def _run(self) -> None:
-        while (item := self._pending.get()) is not None:
-            buffer, filled = item
-            with memoryview(buffer) as view:
-                self.hash.update(view[:filled])
-            if self.count_lines:
-                self.line_breaks += buffer.count(b"\n", 0, filled)
-            self._free.put(buffer)
+        try:
+            while (item := self._pending.get()) is not None:
+                buffer, filled = item
+                with memoryview(buffer) as view:
+                    self.hash.update(view[:filled])
+                if self.count_lines:
+                    self.line_breaks += buffer.count(b"\n", 0, filled)
+                self._free.put(buffer)
+        except BaseException as exc:  # handed to the receiving thread, raised there
+            # The receiver may be waiting for a buffer that will never come back: wake it.
+            self._failure = exc
+            self._free.put(None)

@@ -183,3 +183,35 @@ def test_the_digest_covers_exactly_what_was_submitted(fail_after: int | None) ->
     assert digest.hash.hexdigest() == hashlib.sha256(whole).hexdigest()  # type: ignore[attr-defined]
     assert digest.line_breaks == whole.count(b"\n")
     assert not any(thread.name == "amp-digest" for thread in threading.enumerate())
+
+
+def test_a_failing_digest_thread_fails_the_writer_instead_of_hanging_it() -> None:
+    class Broken:
+        def update(self, _data: object) -> None:
+            raise MemoryError("no memory for the hash")
+
+    digest = BackgroundDigest(Broken(), size=16, depth=1)
+
+    def fill_three() -> None:
+        with digest:
+            for _ in range(3):  # the second take() waits for a buffer that never comes back
+                buffer = digest.take()
+                digest.submit(buffer, 16)
+
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fill_three()
+        except BaseException as exc:  # examined below
+            failures.append(exc)
+
+    writer = threading.Thread(target=run, daemon=True)  # a hang fails the test, not the run
+    writer.start()
+    writer.join(timeout=10)
+    assert not writer.is_alive(), "the writer hung waiting for a buffer"
+    (failure,) = failures
+    assert isinstance(failure, amp.DownloadError)
+    assert "digest thread failed" in str(failure)
+    assert isinstance(failure.__cause__, MemoryError)
+    assert not any(thread.name == "amp-digest" for thread in threading.enumerate())
