@@ -60,15 +60,18 @@ class BackgroundDigest:
         self._pending.put(None)
         self._thread.join()
         if self._failure is not None and exc_type is None:
-            raise DownloadError(f"the digest thread failed: {self._failure!r}") from self._failure
+            raise self._failed() from self._failure
 
     def take(self) -> bytearray:
         """A free buffer (waits while all of them are still being hashed)."""
         buffer = self._free.get()
         if buffer is None:  # the digest thread failed: no buffer will ever come back
             self._free.put(None)
-            raise DownloadError(f"the digest thread failed: {self._failure!r}") from self._failure
+            raise self._failed() from self._failure
         return buffer
+
+    def _failed(self) -> DownloadError:
+        return DownloadError(f"the digest thread failed: {self._failure!r}")
 
     def submit(self, buffer: bytearray, filled: int) -> None:
         """Hash and count ``buffer[:filled]``, then return ``buffer`` to the pool."""
