@@ -454,13 +454,16 @@ async def test_faults_over_real_sockets(tmp_path: pathlib.Path, kind: Any, gzip:
         fake.inject(endpoint, kind, after_bytes=50_000)
         async with fake.serve() as base_url:
             async with amp.CohortsClient(fake.api_key, fake.secret_key, base_url=base_url,
-                                         poll=amp.PollPolicy(initial_interval=0.01)) as client:
+                                         poll=amp.PollPolicy(initial_interval=0.01),
+                                         download=amp.DownloadPolicy(count_members=True)
+                                         ) as client:
                 result = await client.download_cohort("large", tmp_path)
         stored = fake.export_bytes(result.request_id)
     import gzip as gzip_module
 
     expected = gzip_module.decompress(stored) if gzip else stored
     assert result.path.read_bytes() == expected
+    assert result.members == 20_000  # counted once across the resumed pieces
     assert [e.status for e in fake.requests_to("s3")][-1] in (200, 206)
     assert leftovers(tmp_path) == []
 
