@@ -202,9 +202,10 @@ class AtomicWriter:
     def pump_blocking(self, read_into: Callable[[memoryview], int]) -> int:
         """Blocking, in a worker thread: the whole body through a few reused 1 MiB buffers.
 
-        Each read is written from its buffer in this thread while a second thread hashes and
-        counts the previous one (see ``_digest``), so the event loop does no per-chunk work at
-        all; ``raw_bytes`` is the progress counter. Returns how many bytes arrived.
+        Each read is written from its buffer in this thread, then handed to a second thread
+        that hashes it (and counts its line breaks when asked) while this one reads the next
+        (see ``_digest``). The event loop does no per-chunk work at all; ``raw_bytes`` is the
+        progress counter. Returns how many bytes arrived.
         """
         try:
             if self._gunzip is not None:
