@@ -188,18 +188,14 @@ class DownloadPolicy:
         return DEFAULT_DOWNLOAD_HOSTS + self.extra_hosts
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
-    return _is_loopback(host)
 
 
 def resolve_base_url(region: Any, base_url: Any) -> str:
@@ -229,7 +225,7 @@ def resolve_base_url(region: Any, base_url: Any) -> str:
         raise InvalidRequestError("invalid base_url: port 0")
     if parts.username is not None or parts.password is not None:
         raise InvalidRequestError("base_url must not carry credentials; pass api_key/secret_key")
-    if parts.scheme == "http" and not _is_loopback(host):
+    if parts.scheme == "http" and not is_loopback(host):
         raise InvalidRequestError(
             "plain http:// base_url is only accepted for loopback hosts; use https://"
         )

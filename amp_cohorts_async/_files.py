@@ -7,6 +7,7 @@ writer is cancelled) removes the temp file even under cancellation.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -14,7 +15,7 @@ import pathlib
 import re
 import secrets
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import IO, Any
 
 import anyio
@@ -207,10 +208,16 @@ class AtomicWriter:
         (see ``_digest``). The event loop does no per-chunk work at all; ``raw_bytes`` is the
         progress counter. Returns how many bytes arrived.
         """
-        try:
+        with self._as_download_errors():
             if self._gunzip is not None:
                 return self._pump_inflating(read_into)
             return self._pump_plain(read_into)
+
+    @contextlib.contextmanager
+    def _as_download_errors(self) -> Iterator[None]:
+        """A corrupt gzip body or a failing disk, as the DownloadError that names it."""
+        try:
+            yield
         except zlib.error as exc:
             raise DownloadError(f"corrupt gzip body: {exc}") from None
         except OSError as exc:
@@ -381,22 +388,16 @@ class AtomicWriter:
         return received
 
     async def _write_batch(self, chunks: list[bytes]) -> None:
-        try:
+        with self._as_download_errors():
             await anyio.to_thread.run_sync(self._write_chunks, chunks, self._gunzip)
-        except zlib.error as exc:
-            raise DownloadError(f"corrupt gzip body: {exc}") from None
-        except OSError as exc:
-            raise DownloadError(f"cannot write {self.target}: {exc.strerror or exc}") from None
 
     async def commit(self) -> str:
         """fsync, rename into place; returns the sha256 hex digest."""
-        try:
+        with self._as_download_errors():
             if self._gunzip is not None:
                 if not self._gunzip.eof:
                     raise DownloadError("gzip body ended early")
                 await anyio.to_thread.run_sync(self._write_tail, self._gunzip.flush())
             await anyio.to_thread.run_sync(self._sync_and_rename)
-        except OSError as exc:
-            raise DownloadError(f"cannot write {self.target}: {exc.strerror or exc}") from None
         self._file = None
         return self._hash.hexdigest()

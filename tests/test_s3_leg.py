@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import pathlib
 import random
 import ssl
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import httpx
@@ -19,6 +21,7 @@ import pytest
 
 import amp_cohorts_async as amp
 from amp_cohorts_async._digest import BackgroundDigest
+from amp_cohorts_async._files import AtomicWriter
 from amp_cohorts_async.testing import FakeAmplitude
 
 POLL = amp.PollPolicy(initial_interval=0.05, max_interval=0.2)
@@ -215,3 +218,28 @@ def test_a_failing_digest_thread_fails_the_writer_instead_of_hanging_it() -> Non
     assert "digest thread failed" in str(failure)
     assert isinstance(failure.__cause__, MemoryError)
     assert not any(thread.name == "amp-digest" for thread in threading.enumerate())
+
+
+@pytest.mark.parametrize("path", ["thread", "loop"])
+async def test_a_corrupt_gzip_body_is_a_download_error_and_leaves_nothing(
+    tmp_path: pathlib.Path, path: str
+) -> None:
+    """Our own gzip decoding (both writer paths): zlib's error becomes a named DownloadError."""
+    body = b"\x1f\x8b" + b"x" * 64
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    source = io.BytesIO(body)
+
+    async def write() -> None:
+        async with AtomicWriter(tmp_path / "c.csv") as writer:
+            writer.start_representation("gzip")
+            if path == "thread":
+                await anyio.to_thread.run_sync(writer.pump_blocking, source.readinto)
+            else:
+                await writer.pump(chunks())
+
+    with pytest.raises(amp.DownloadError, match="corrupt gzip body"):
+        await write()
+    assert list(tmp_path.iterdir()) == []
