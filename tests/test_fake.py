@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import amp_cohorts_async as amp
-from amp_cohorts_async.testing import FakeAmplitude
+from amp_cohorts_async.testing import FakeAmplitude, Member
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"test-api-key:test-secret-key").decode()}
 
@@ -150,6 +150,58 @@ async def test_list_and_usage(fake: FakeAmplitude, http: httpx.AsyncClient) -> N
     usage = (await http.get("/api/3/cohorts/usage")).json()["rest_download"]
     assert usage["limit"] == 500
     assert usage["usage"] == 1
+
+
+async def fetch_export(http: httpx.AsyncClient, request_id: str) -> list[str]:
+    response = await http.get(f"/api/5/cohorts/request/{request_id}/file",
+                              follow_redirects=True)
+    assert response.status_code == 200
+    return response.text.splitlines()[1:]
+
+
+@pytest.mark.looptime
+async def test_touch_recomputes_a_cohort_with_new_members_and_a_later_last_computed(
+    fake: FakeAmplitude, http: httpx.AsyncClient
+) -> None:
+    fake.cohorts["small"].last_computed = 4_000_000_000  # later than any wall clock of the test
+
+    async def listed() -> dict[str, Any]:
+        cohorts = (await http.get("/api/3/cohorts")).json()["cohorts"]
+        return {c["id"]: c for c in cohorts}
+
+    before = (await listed())["small"]
+    assert before["lastComputed"] == 4_000_000_000
+    old_job = await start_job(http, "small")
+    unfetched_job = await start_job(http, "small")
+    await anyio.sleep(10)
+    old_rows = set(await fetch_export(http, old_job))
+
+    fake.touch("small", churn=0.2)
+    after = await listed()
+    assert after["small"]["lastComputed"] == 4_000_000_001  # later, even within one second
+    assert after["small"]["size"] == 25
+    new_job = await start_job(http, "small")
+    await anyio.sleep(10)
+    new_rows = set(await fetch_export(http, new_job))
+    assert len(old_rows - new_rows) == len(new_rows - old_rows) == 5  # 20 % left, 20 % joined
+    # A job requested before the recomputation still exports what it was requested with.
+    assert set(await fetch_export(http, unfetched_job)) == old_rows
+    assert fake.cohort_requests == 3
+
+    fake.cohorts["large"].last_computed = 0
+    fake.touch("large")
+    assert (await listed())["large"]["lastComputed"] > 1_700_000_000  # now, by the wall clock
+
+
+@pytest.mark.looptime
+async def test_touch_recomputes_uploaded_members_too(fake: FakeAmplitude) -> None:
+    cohort = fake.add_cohort("up", size=0, members=[
+        Member(str(100 + i), f"u{i}") for i in range(10)], last_computed=1_700_000_000)
+    before = {m.amplitude_id for m in cohort.iter_members()}
+    fake.touch("up", churn=0.3)
+    after = {m.amplitude_id for m in cohort.iter_members()}
+    assert len(before - after) == len(after - before) == 3
+    assert cohort.last_computed > 1_700_000_000
 
 
 @pytest.mark.looptime

@@ -45,10 +45,16 @@ class FakeCohort:
     sync_metadata: list[dict[str, Any]] = attrs.field(factory=list)
     created_at: int = 1679437288
     last_mod: int = 1679437294
+    #: Epoch seconds of the last computation: what the list's ``lastComputed`` says, and what a
+    #: sync compares with the copy it holds. ``FakeAmplitude.touch`` moves it forward.
+    last_computed: int = 1679437294
     archived: bool = False
     extra: dict[str, Any] = attrs.field(factory=dict)
     generated_size: int = 0
     seed: int = 0
+    #: Generated members are the indexes [generated_start, generated_start + generated_size):
+    #: a recomputation moves the range, so some members leave and as many join, at no memory.
+    generated_start: int = 0
     _members: dict[str, Member] | None = None
     _by_user: dict[str, str] | None = None
 
@@ -75,7 +81,8 @@ class FakeCohort:
 
     def iter_members(self) -> Iterator[Member]:
         if self._members is None:
-            return (self.generated(i) for i in range(self.generated_size))
+            start = self.generated_start
+            return (self.generated(i) for i in range(start, start + self.generated_size))
         return iter(list(self._members.values()))
 
     def _materialize(self) -> dict[str, Member]:
@@ -84,6 +91,31 @@ class FakeCohort:
             self._by_user = {m.user_id: m.amplitude_id for m in self._members.values() if m.user_id}
         assert self._by_user is not None
         return self._members
+
+    def recompute(self, churn: float, last_computed: int) -> tuple[int, int]:
+        """A recomputation: ``churn`` of the members leave and as many new ones join (at
+        least one each way when there are members); returns (left, joined)."""
+        moved = max(1, round(self.size * churn)) if self.size else 0
+        if self._members is None:
+            self.generated_start += moved
+        else:
+            members = self._materialize()
+            for amplitude_id in list(members)[:moved]:
+                self.remove_by_amplitude_id(amplitude_id)
+            fresh = self.generated_start + self.generated_size
+            for index in range(fresh, fresh + moved):
+                self.add(self.generated(index))
+            self.generated_start += moved
+        self.last_computed = last_computed
+        return moved, moved
+
+    def snapshot(self) -> FakeCohort:
+        """A frozen copy of the members as they are now, for an export job to render later
+        (a recomputation after the request must not change what the job exports)."""
+        copy = attrs.evolve(self)
+        if self._members is not None:
+            copy.replace(list(self._members.values()))
+        return copy
 
     def replace(self, members: Sequence[Member]) -> None:
         self._members = {m.amplitude_id: m for m in members}
@@ -138,7 +170,7 @@ class FakeCohort:
             "type": "redshift",
             "lastMod": self.last_mod,
             "createdAt": self.created_at,
-            "lastComputed": self.last_mod,
+            "lastComputed": self.last_computed,
             "hidden": False,
             "metadata": None,
             "view_count": None,

@@ -214,9 +214,13 @@ class FakeAmplitude:
         group_type: str | None = None,
         members: Sequence[Member] | None = None,
         sync_metadata: Sequence[dict[str, Any]] = (),
+        last_computed: int | None = None,
         **extra: Any,
     ) -> FakeCohort:
-        """Add a cohort with ``size`` generated members (deterministic by ``seed``)."""
+        """Add a cohort with ``size`` generated members (deterministic by ``seed``).
+
+        ``last_computed``: epoch seconds the list reports (default: a fixed day of 2023).
+        """
         self._seq += 1
         cohort_id = cohort_id or f"coh{self._seq:05d}"
         cohort = FakeCohort(
@@ -229,9 +233,25 @@ class FakeAmplitude:
             seed=self._seq if seed is None else seed,
             extra=extra,
         )
+        if last_computed is not None:
+            cohort.last_computed = int(last_computed)
         if members is not None:
             cohort.replace(members)
         self.cohorts[cohort_id] = cohort
+        return cohort
+
+    def touch(self, cohort_id: str, *, churn: float = 0.1) -> FakeCohort:
+        """Recompute a cohort as Amplitude does on its schedule: a ``churn`` share of its
+        members (at least one) leave, as many new ones join, and ``last_computed`` moves to
+        now (the fake's wall clock), always later than before. Costs no quota.
+
+        An export requested before the touch still serves the members it was requested with.
+        """
+        if not 0.0 <= churn <= 1.0:
+            raise ValueError(f"churn must be within [0, 1], got {churn!r}")
+        cohort = self.cohorts[cohort_id]
+        now = int(self.wall_clock().timestamp())
+        cohort.recompute(churn, max(now, cohort.last_computed + 1))
         return cohort
 
     def inject(self, endpoint: Endpoint, kind: FaultKind = "status", *, times: int = 1,
@@ -480,7 +500,7 @@ class FakeAmplitude:
         props = ("props", "1") in request.query
         keys = tuple(v for k, v in request.query if k == "propKeys")
         self.jobs[request_id] = _Job(
-            request_id=request_id, cohort=cohort, props=props, prop_keys=keys,
+            request_id=request_id, cohort=cohort.snapshot(), props=props, prop_keys=keys,
             requested_at=now, ready_at=now + duration,
             never_finish=cohort_id in self.never_finish, fail=cohort_id in self.failing_jobs,
             gzip=self.gzip,
