@@ -83,7 +83,7 @@ class Api:
             what="get_usage",
         )
         usage = structure(data, Usage, what="get_usage")
-        await self.scheduler.record_usage(usage.usage)
+        await self.scheduler.record_usage(usage.usage, usage.resets_at)
         return usage
 
     async def file_exchange(

@@ -121,8 +121,10 @@ class CohortsClient:
         download: where presigned download links may lead, how far a gzip body may inflate,
             whether members are counted (``DownloadPolicy()``: https to ``*.amazonaws.com``,
             100:1, not counted).
-        wall_clock: the clock (aware ``datetime``) that decides the quota month (UTC) and the
-            age of resume journal entries; default ``datetime.now(UTC)``. For replays and tests.
+        wall_clock: the clock (aware ``datetime``) that decides the age of resume journal
+            entries and, with the default in-memory limits, the quota month (UTC); a shared
+            backend counts months on its own clock. Default ``datetime.now(UTC)``. For replays
+            and tests.
         seed: seeds the random jitter of retries, polls and restarts after a pause, so a run
             can be reproduced; default: unseeded.
     """

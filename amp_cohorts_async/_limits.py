@@ -6,6 +6,33 @@ atomically. The scheduler keeps its priority order locally and asks the backend 
 ``InMemoryLimits`` serves one process, ``amp_cohorts_async.redis.RedisLimits`` many processes
 and hosts. A permit is a lease: a backend with ``lease_ttl`` expects it renewed while held and
 gives the slots of a holder that died back when the lease runs out.
+
+The contract every backend keeps (``InMemoryLimits`` and ``RedisLimits`` agree on it):
+
+* **One clock.** Every time a shared backend reasons about (lease expiry, window stamps, the
+  pause, the quota month) is read from the backend's own clock, never from a client's: two
+  hosts whose clocks disagree still count in one window and one month. ``acquire`` decides
+  the quota month of a cohort permit and names it in ``Permit.month``; ``quota_used(None)``
+  means the month it is now on the backend's clock.
+* **Grants are whole and atomic**: a request for a slot and a cohort place is granted both or
+  neither; a cancelled or failed round trip grants nothing that its caller cannot release.
+* **Leases.** With ``lease_ttl``, a permit not renewed within ``lease_ttl`` seconds is given
+  back (its holder is presumed dead). ``renew`` and ``release`` report leases they found
+  expired while their holder still held them (a holder that stalled past the TTL); ``renew``
+  also puts such a lease back (re-asserts it), even over capacity, so that from then on the
+  slot is not granted to a second holder. A lease is reported once, not at each call.
+* **State loss.** A backend whose shared state can vanish (a Redis restarted without
+  persistence, failed over or flushed) detects it at the next call of any client that used
+  the state before, counts it in ``state_losses`` and logs it at WARNING. From then on it
+  grants no cohort permit until the longest rate window has passed, and no new slot until one
+  ``lease_ttl`` has passed, so that every live holder has re-asserted its leases through
+  ``renew`` (which, for a lease from before the loss, re-asserts without reporting it lost);
+  a refund of a unit charged before the loss is not applied to the count after it. A client
+  whose backend's ``state_losses`` moved re-reads the quota from Amplitude (``get_usage()``
+  then ``set_known_usage``) before its next cohort request. A store this app never used is
+  not a loss: the first client starts at once.
+* **Failures** raise ``LimitsBackendError`` (or any exception, which the scheduler turns
+  into one); a backend never falls back to process-local limits.
 """
 
 from __future__ import annotations
@@ -13,7 +40,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Literal, Protocol, runtime_checkable
 
 import anyio
@@ -33,9 +61,15 @@ __all__ = (
     "ReleaseSignal",
     "Settlement",
     "SlidingWindowLog",
+    "utc_month",
 )
 
 WINDOW_EDGE = 1e-3  # seconds
+
+
+def utc_month(now: datetime) -> str:
+    """The calendar month (UTC) of ``now`` as ``YYYY-MM``, the quota's unit of time."""
+    return now.astimezone(UTC).strftime("%Y-%m")
 
 
 class LimitsBackendError(AmplitudeError):
@@ -51,19 +85,23 @@ class PermitRequest:
     """What a caller needs before it may send.
 
     ``slot``: one of ``max_concurrent_requests`` (granted only outside a shared pause).
-    ``cohort``: a cohort request: one unit of ``quota`` in ``month`` (UTC ``YYYY-MM``) and a
-    place in every rate window.
+    ``cohort``: a cohort request: one unit of ``quota`` (``None``: no monthly cap) in the
+    month it is on the backend's clock, and a place in every rate window.
     """
 
     slot: bool
     cohort: bool
-    month: str = ""
     quota: int | None = None
 
 
 @attrs.frozen
 class Permit:
-    """A granted lease; hand it back with ``release``."""
+    """A granted lease; hand it back with ``release``.
+
+    ``token``: opaque, the backend's own. ``month``: for a cohort permit, the month (UTC
+    ``YYYY-MM``, on the backend's clock) its quota unit was charged to, so that a refund
+    goes back to that month even if the month turned meanwhile.
+    """
 
     token: str
     slot: bool
@@ -97,28 +135,50 @@ class Settlement:
 class LimitsBackend(Protocol):
     """The shared state of one Amplitude app's limits; every operation is atomic.
 
-    ``lease_ttl``: seconds a permit lives unless renewed (``None``: permits never expire).
+    See the module documentation for the contract (one clock, leases, state loss).
+
+    ``lease_ttl``: seconds a permit lives unless renewed (``None``: permits never expire and
+    ``renew`` is never called).
     ``recheck``: how soon to ask again when waiting for a release that may happen elsewhere
     (``None``: every release happens in this process and ``wait_for_release`` hears it).
+    ``state_losses``: how many times this backend has found its shared state lost; the
+    scheduler compares it after each call (0 for a backend whose state cannot vanish).
     """
 
     lease_ttl: float | None
     recheck: float | None
+    state_losses: int
 
     def bind(self, limits: Limits, app: str) -> None:
-        """Called once per client: the limits to enforce and a hash naming the app."""
+        """Called once per client: the limits to enforce and a hash naming the app.
+
+        Several clients of one app may share one backend; binding it to other ``Limits``
+        raises ``InvalidRequestError``.
+        """
         ...
 
     async def acquire(self, request: PermitRequest) -> Permit | PermitWait:
-        """Grant ``request`` whole, or say how long to wait; QuotaExceededError if over."""
+        """Grant ``request`` whole, or say how long to wait; ``QuotaExceededError`` if over.
+
+        A cohort permit charges one unit to the month it is now on the backend's clock
+        (``Permit.month``) and counts in every window as in flight until released.
+        ``PermitWait.seconds`` is exact when the backend knows it (a window stamp ageing out,
+        a pause or a state-loss hold-off ending) and ``inf`` when only a release can help.
+        """
         ...
 
     async def release(self, permits: Sequence[Permit], settlement: Settlement | None) -> int:
-        """Hand ``permits`` back (a cohort permit settled as said); returns leases found lost."""
+        """Hand ``permits`` back (a cohort permit settled as said); returns how many leases
+        were found expired while held and not reported before (by ``renew``)."""
         ...
 
     async def renew(self, permits: Sequence[Permit]) -> int:
-        """Extend the leases of ``permits``; returns how many had already expired."""
+        """Extend the leases of ``permits`` by ``lease_ttl`` from now on the backend's clock.
+
+        A lease found expired while held is put back (re-asserted, even over capacity) and
+        counted in the result, once; a lease missing because the state was lost is put back
+        without being counted.
+        """
         ...
 
     async def pause(self, seconds: float) -> None:
@@ -130,10 +190,14 @@ class LimitsBackend(Protocol):
         ...
 
     async def set_known_usage(self, month: str, usage: int) -> None:
-        """The server's count of ``month``: the local one never goes below it."""
+        """Amplitude's count of ``month`` (the month its usage answer is about): the
+        backend's count of that month never goes below it."""
         ...
 
-    async def quota_used(self, month: str) -> int: ...
+    async def quota_used(self, month: str | None = None) -> int:
+        """The units counted in ``month`` (``None``: the month it is now on the backend's
+        clock)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -193,12 +257,16 @@ class InMemoryLimits:
     """The default backend: exact, in one process, on the event loop's clock, no I/O.
 
     One instance may be shared by several clients of the same app in one process.
+    ``wall_clock`` (an aware ``datetime``) is the clock that decides the quota month; its
+    state lives in the process and is never lost while the process lives.
     """
 
     lease_ttl: float | None = None
     recheck: float | None = None
+    state_losses: int = 0
 
-    def __init__(self) -> None:
+    def __init__(self, *, wall_clock: Callable[[], datetime] | None = None) -> None:
+        self.wall_clock: Callable[[], datetime] = wall_clock or (lambda: datetime.now(UTC))
         self.limits: Limits | None = None
         self.logs: list[SlidingWindowLog] = []
         self.slots_in_use = 0
@@ -232,22 +300,24 @@ class InMemoryLimits:
                 return PermitWait(self.paused_until - now, "pause")
             if self.slots_in_use >= limits.max_concurrent_requests:
                 return PermitWait(math.inf, "slots")
+        month = ""
         if request.cohort:
-            used = self._usage.get(request.month, 0)
+            month = utc_month(self.wall_clock())
+            used = self._usage.get(month, 0)
             if request.quota is not None and used + 1 > request.quota:
                 raise QuotaExceededError(
                     f"monthly cohort-request quota reached: {used} of {request.quota} used in "
-                    f"{request.month}"
+                    f"{month}"
                 )
             wait = max((log.wait_time(now) for log in self.logs), default=0.0)
             if wait > 0:
                 return PermitWait(wait, "window")
-            self._usage[request.month] = used + 1
+            self._usage[month] = used + 1
             for log in self.logs:
                 log.in_flight += 1
         if request.slot:
             self.slots_in_use += 1
-        return Permit(f"m{next(self._tokens)}", request.slot, request.cohort, request.month)
+        return Permit(f"m{next(self._tokens)}", request.slot, request.cohort, month)
 
     async def release(self, permits: Sequence[Permit], settlement: Settlement | None) -> int:
         now = anyio.current_time()
@@ -277,8 +347,8 @@ class InMemoryLimits:
         # The server's count wins, except that requests we sent may not be in it yet.
         self._usage[month] = max(usage, self._usage.get(month, 0))
 
-    async def quota_used(self, month: str) -> int:
-        return self._usage.get(month, 0)
+    async def quota_used(self, month: str | None = None) -> int:
+        return self._usage.get(utc_month(self.wall_clock()) if month is None else month, 0)
 
     async def aclose(self) -> None:
         return None

@@ -27,7 +27,7 @@ import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal, TypeVar
 
 import anyio
@@ -43,6 +43,7 @@ from ._limits import (
     Permit,
     PermitRequest,
     Settlement,
+    utc_month,
 )
 
 __all__ = ("Outcome", "PriorityGate", "RequestKind", "Scheduler", "Ticket")
@@ -157,8 +158,10 @@ WaitCallback = Callable[[float, WaitReason], None]
 WAIT_STEP = 5.0
 
 
-def _utc_month(now: datetime) -> str:
-    return now.astimezone(UTC).strftime("%Y-%m")
+def usage_month(resets_at: datetime) -> str:
+    """The month a usage answer counts: the one before ``resets_at`` (the first of the next
+    month, UTC), on Amplitude's clock, whatever the clocks here say."""
+    return utc_month(resets_at - timedelta(microseconds=1))
 
 
 class Scheduler:
@@ -178,7 +181,8 @@ class Scheduler:
         rng: random.Random | None = None,
     ) -> None:
         self.limits = limits
-        self.backend: LimitsBackend = backend if backend is not None else InMemoryLimits()
+        self.backend: LimitsBackend = (
+            backend if backend is not None else InMemoryLimits(wall_clock=wall_clock))
         self.backend.bind(limits, app)
         self.wall_clock = wall_clock
         self.rng = rng or random.Random()
@@ -217,14 +221,14 @@ class Scheduler:
         return self._admission
 
     # -- quota ----------------------------------------------------------------------------
-    def month(self) -> str:
-        return _utc_month(self.wall_clock())
+    async def record_usage(self, usage: int, resets_at: datetime) -> None:
+        """Amplitude's count of cohort requests in the month that ends at ``resets_at``."""
+        await self._call(self.backend.set_known_usage(usage_month(resets_at), usage))
 
-    async def record_usage(self, usage: int) -> None:
-        await self._call(self.backend.set_known_usage(self.month(), usage))
-
-    async def quota_used(self) -> int:
-        return await self._call(self.backend.quota_used(self.month()))
+    async def quota_used(self, month: str | None = None) -> int:
+        """Units the limits count in ``month`` (``None``: this month on the backend's clock,
+        which for a shared backend is not this process's clock)."""
+        return await self._call(self.backend.quota_used(month))
 
     # -- the shared pause -----------------------------------------------------------------
     async def pause(self, seconds: float) -> None:
@@ -343,8 +347,8 @@ class Scheduler:
                 # When the gate is free, the slot comes in the same round trip to the backend.
                 async with self._admission_lock():
                     permit, gated = await self._acquire(PermitRequest(
-                        slot=False, cohort=True, month=self.month(),
-                        quota=self.limits.monthly_quota), on_wait, gate_too=True)
+                        slot=False, cohort=True, quota=self.limits.monthly_quota),
+                        on_wait, gate_too=True)
                     permits.append(permit)
             if not gated:
                 while (remaining := self.paused_until - anyio.current_time()) > 0:

@@ -15,7 +15,9 @@ Every decision is one Lua script run atomically on the Redis server, on the serv
   a killed worker come back within the TTL; a lease found expired while held is reported;
 * the rate windows are an exact sliding log of answered cohort requests (stamped when the
   answer is settled) plus those in flight; a script that says "wait" says exactly how long;
-* the shared pause after a 429 and the monthly quota count (UTC months) live there too.
+* the shared pause after a 429 and the monthly quota count live there too; the quota month
+  (UTC) is the month on the Redis server's clock, so hosts whose clocks straddle midnight at
+  the end of a month still count in one month.
 
 Keys are namespaced per app by a hash of the API key (never the key itself), or by
 ``namespace=``, so one Redis serves several apps. If Redis cannot be reached or fails, the
@@ -65,6 +67,21 @@ _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function n(x) return string.format('%.0f', x) end
+-- The UTC calendar month of epoch seconds, "YYYY-MM" (civil-from-days, H. Hinnant).
+local function utc_month(seconds)
+  local z = math.floor(seconds / 86400) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+                          - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400
+  if month <= 2 then year = year + 1 end
+  return string.format('%04d-%02d', year, month)
+end
+local this_month = utc_month(math.floor(now / 1000000))
 local function expire_leases(slots, inflight, stamps)
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', n(now))
   local dead = redis.call('ZRANGEBYSCORE', inflight, '-inf', n(now), 'WITHSCORES')
@@ -76,9 +93,11 @@ local function expire_leases(slots, inflight, stamps)
 end
 """
 
-# KEYS: slots, inflight, stamps, pause, quota
+# KEYS: slots, inflight, stamps, pause, quota (a hash: month -> count)
 # ARGV: want_slot, want_cohort, max_slots, lease_us, token, quota (-1: none), edge_us,
 #       longest_us, then (max_requests, length_us) per window
+# Returns {'ok', month} | {'pause', us} | {'slots', -1} | {'window', us or -1} |
+#         {'quota', used, month}
 _ACQUIRE = _PRELUDE + """
 expire_leases(KEYS[1], KEYS[2], KEYS[3])
 local edge = tonumber(ARGV[7])
@@ -89,9 +108,9 @@ if ARGV[1] == '1' then
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return {'slots', -1} end
 end
 if ARGV[2] == '1' then
-  local used = tonumber(redis.call('GET', KEYS[5]) or '0')
+  local used = tonumber(redis.call('HGET', KEYS[5], this_month) or '0')
   local quota = tonumber(ARGV[6])
-  if quota >= 0 and used + 1 > quota then return {'quota', used} end
+  if quota >= 0 and used + 1 > quota then return {'quota', used, this_month} end
   local flying = redis.call('ZCARD', KEYS[2])
   local wait = 0
   for i = 9, #ARGV, 2 do
@@ -114,15 +133,15 @@ end
 local lease = n(now + tonumber(ARGV[4]))
 if ARGV[1] == '1' then redis.call('ZADD', KEYS[1], lease, ARGV[5]) end
 if ARGV[2] == '1' then
-  redis.call('INCR', KEYS[5])
+  redis.call('HINCRBY', KEYS[5], this_month, 1)
   redis.call('EXPIRE', KEYS[5], QUOTA_KEY_SECONDS)
   redis.call('ZADD', KEYS[2], lease, ARGV[5])
 end
-return {'ok', now}
+return {'ok', this_month}
 """.replace("QUOTA_KEY_SECONDS", str(_QUOTA_KEY_SECONDS))
 
 # KEYS: slots, inflight, stamps, quota;  ARGV: slot token, cohort token, stamp, refund,
-# stamps_ttl_ms, channel.  Returns the number of leases found expired.
+# stamps_ttl_ms, the cohort permit's month.  Returns the number of leases found expired.
 _RELEASE = _PRELUDE + """
 local lost = 0
 if ARGV[1] ~= '' and redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then lost = lost + 1 end
@@ -134,8 +153,8 @@ if ARGV[2] ~= '' then
   else
     redis.call('ZREM', KEYS[3], ARGV[2])
   end
-  if ARGV[4] == '1' and tonumber(redis.call('GET', KEYS[4]) or '0') > 0 then
-    redis.call('DECR', KEYS[4])
+  if ARGV[4] == '1' and tonumber(redis.call('HGET', KEYS[4], ARGV[6]) or '0') > 0 then
+    redis.call('HINCRBY', KEYS[4], ARGV[6], -1)
   end
 end
 return lost
@@ -166,13 +185,21 @@ end
 return 1
 """
 
-# KEYS: quota;  ARGV: the server's count
+# KEYS: quota;  ARGV: month, Amplitude's count of it
 _KNOWN_USAGE = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', QUOTA_KEY_SECONDS)
+if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], QUOTA_KEY_SECONDS)
 end
 return 1
 """.replace("QUOTA_KEY_SECONDS", str(_QUOTA_KEY_SECONDS))
+
+# KEYS: quota;  ARGV: month ('': this month on the server's clock)
+_QUOTA_USED = _PRELUDE + """
+local month = ARGV[1]
+if month == '' then month = this_month end
+return tonumber(redis.call('HGET', KEYS[1], month) or '0')
+"""
 
 
 def _safe_url(url: str) -> str:
@@ -195,6 +222,8 @@ class RedisLimits:
 
     #: How soon a waiter asks again for a slot or window freed in another process.
     recheck: float | None = 0.05
+    #: Times this backend found the shared state lost (see ``amp.LimitsBackend``).
+    state_losses: int = 0
 
     def __init__(
         self,
@@ -231,6 +260,7 @@ class RedisLimits:
         self._renew = redis_client.register_script(_RENEW)
         self._pause = redis_client.register_script(_PAUSE)
         self._known_usage = redis_client.register_script(_KNOWN_USAGE)
+        self._quota_used = redis_client.register_script(_QUOTA_USED)
 
     @classmethod
     def from_url(
@@ -289,9 +319,6 @@ class RedisLimits:
             raise RuntimeError("RedisLimits is not bound to a client yet")
         return f"{self._prefix}:{name}"
 
-    def _quota_key(self, month: str) -> str:
-        return self._key(f"quota:{month or 'none'}")
-
     async def _run(self, script: Callable[..., Awaitable[T]], keys: list[str],
                    args: list[Any]) -> T:
         try:
@@ -316,20 +343,22 @@ class RedisLimits:
         reply = await self._run(
             self._acquire,
             [self._key("slots"), self._key("inflight"), self._key("stamps"),
-             self._key("pause"), self._quota_key(request.month)],
+             self._key("pause"), self._key("quota")],
             [int(request.slot), int(request.cohort), limits.max_concurrent_requests,
              round(self.lease_ttl * _MICRO), token,
              -1 if request.quota is None else request.quota, round(WINDOW_EDGE * _MICRO),
              self._longest_us, *windows],
         )
-        verdict, value = reply[0], int(reply[1])
+        verdict = reply[0]
         if verdict == "ok":
-            return Permit(token, request.slot, request.cohort, request.month)
+            return Permit(token, request.slot, request.cohort,
+                          str(reply[1]) if request.cohort else "")
         if verdict == "quota":
             raise QuotaExceededError(
-                f"monthly cohort-request quota reached: {value} of {request.quota} used in "
-                f"{request.month} (shared on Redis at {self._url})"
+                f"monthly cohort-request quota reached: {reply[1]} of {request.quota} used in "
+                f"{reply[2]} (shared on Redis at {self._url})"
             )
+        value = int(reply[1])
         seconds = math.inf if value < 0 else value / _MICRO
         reason = {"pause": "pause", "window": "window"}.get(verdict, "slots")
         return PermitWait(seconds, reason)  # type: ignore[arg-type]
@@ -340,11 +369,11 @@ class RedisLimits:
         lost = await self._run(
             self._release,
             [self._key("slots"), self._key("inflight"), self._key("stamps"),
-             self._quota_key(cohort.month if cohort else "")],
+             self._key("quota")],
             [slot, cohort.token if cohort else "",
              int(settlement is not None and settlement.stamp),
              int(settlement is not None and settlement.refund),
-             self._stamps_ttl_ms],
+             self._stamps_ttl_ms, cohort.month if cohort else ""],
         )
         self._released.fire()
         already = sum(1 for p in permits if p.token in self._reported)
@@ -368,14 +397,7 @@ class RedisLimits:
         await self._released.wait(at_most)
 
     async def set_known_usage(self, month: str, usage: int) -> None:
-        await self._run(self._known_usage, [self._quota_key(month)], [usage])
+        await self._run(self._known_usage, [self._key("quota")], [month, usage])
 
-    async def quota_used(self, month: str) -> int:
-        try:
-            value = await self._redis.get(self._quota_key(month))
-        except (RedisError, OSError) as exc:
-            raise LimitsBackendError(
-                f"the shared limits on Redis at {self._url} failed: {type(exc).__name__}: "
-                f"{str(exc)[:200]}"
-            ) from None
-        return int(value or 0)
+    async def quota_used(self, month: str | None = None) -> int:
+        return int(await self._run(self._quota_used, [self._key("quota")], [month or ""]))

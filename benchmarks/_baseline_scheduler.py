@@ -12,6 +12,7 @@ import math
 from aiolimiter import AsyncLimiter
 
 import amp_cohorts_async as amp
+from amp_cohorts_async._limits import utc_month as amp_month
 
 
 class _VirtualTimeSafeLimiter(AsyncLimiter):
@@ -48,13 +49,14 @@ class AiolimiterLimits(amp.InMemoryLimits):
         if self._limiters is None:
             self._limiters = [_VirtualTimeSafeLimiter(w.max_requests, w.seconds)
                               for w in self.limits.cohort_requests]
-        used = await self.quota_used(request.month)
+        month = amp_month(self.wall_clock())
+        used = await self.quota_used(month)
         if request.quota is not None and used + 1 > request.quota:
             raise amp.QuotaExceededError(f"{used} of {request.quota} used")
         for limiter in self._limiters:
             await limiter.acquire()
-        await self.set_known_usage(request.month, used + 1)
+        await self.set_known_usage(month, used + 1)
         for log in self.logs:  # counted in flight so that release() stays balanced
             log.in_flight += 1
         self._granted += 1
-        return amp.Permit(f"a{self._granted}", slot=False, cohort=True, month=request.month)
+        return amp.Permit(f"a{self._granted}", slot=False, cohort=True, month=month)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import amp_cohorts_async as amp
 from amp_cohorts_async._limits import WINDOW_EDGE, SlidingWindowLog
 from amp_cohorts_async._scheduler import Outcome, PriorityGate, RequestKind, Scheduler
-from amp_cohorts_async.testing import run_in_virtual_time
+from amp_cohorts_async.testing import FakeAmplitude, run_in_virtual_time
 
 
 def test_window_log_admits_exactly_n_then_waits_for_the_oldest() -> None:
@@ -201,8 +201,24 @@ async def test_quota_is_counted_per_calendar_month() -> None:
 
 
 async def test_known_usage_counts() -> None:
-    scheduler = Scheduler(amp.Limits(monthly_quota=10))
-    await scheduler.record_usage(10)
+    scheduler = Scheduler(amp.Limits(monthly_quota=10),
+                          wall_clock=lambda: datetime(2026, 3, 5, tzinfo=UTC))
+    await scheduler.record_usage(10, datetime(2026, 4, 1, tzinfo=UTC))
     with pytest.raises(amp.QuotaExceededError):
         async with scheduler.exchange(RequestKind.COHORT_REQUEST):
             pass
+
+
+async def test_usage_counts_in_the_month_amplitude_says_not_the_local_one() -> None:
+    """Amplitude answers 500 of 500 for November a second before midnight; this host's clock
+    already says December. November's count must not fill December's quota."""
+    amplitude_now = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)
+    local_now = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC)
+    with FakeAmplitude(usage=500, wall_clock=lambda: amplitude_now) as fake:
+        fake.add_cohort("c")
+        async with amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(),
+                                     wall_clock=lambda: local_now) as client:
+            usage = await client.get_usage()
+            assert usage.remaining == 0
+            assert await client.scheduler.quota_used("2026-11") == 500
+            assert await client.scheduler.quota_used() == 0  # December, on the limits' clock
