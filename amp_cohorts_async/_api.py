@@ -8,10 +8,12 @@ its own and knows nothing of files, journals or progress events.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
+from ._body import Body
 from ._convert import CohortList, MembershipWire, UploadWire, structure
-from ._http import HttpBoundary, Response
+from ._http import HttpBoundary
 from ._models import Cohort, CohortRequest, ExportOptions, RequestStatus, Usage
 from ._scheduler import RequestKind, Scheduler, WaitCallback
 from ._send import Sender
@@ -90,13 +92,23 @@ class Api:
         self,
         request_id: str,
         headers: Mapping[str, str],
-        handle: Callable[[Response], Awaitable[T]],
+        handle: Callable[[Body], Awaitable[T]],
     ) -> T:
-        """ONE exchange with ``/file``: no retry here, the transfer's attempt is retried whole."""
+        """ONE exchange with ``/file``: no retry here, the transfer's attempt is retried whole.
+
+        ``handle`` gets a 2xx/3xx answer; an error status raises before it is called.
+        """
         path = f"/api/5/cohorts/request/{path_segment(request_id)}/file"
         return await self.sender.exchange(
-            RequestKind.FILE, lambda: self.boundary.build("GET", path, headers=headers), handle
+            RequestKind.FILE, lambda: self.boundary.build("GET", path, headers=headers),
+            lambda response: handle(self.boundary.body(response)),
         )
+
+    def open_presigned(
+        self, url: str, headers: Mapping[str, str]
+    ) -> AbstractAsyncContextManager[Body]:
+        """The presigned URL ``/file`` pointed to (no credentials, no permit: not Amplitude)."""
+        return self.boundary.open_presigned(url, headers)
 
     async def upload(self, body: Mapping[str, Any]) -> UploadWire:
         return await self._post("/api/3/cohorts/upload", body, UploadWire, "upload_cohort")

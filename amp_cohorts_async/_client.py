@@ -188,7 +188,7 @@ class CohortsClient:
         boundary = HttpBoundary(self._http, base, credentials, self.download, blocking)
         self._api = Api(boundary, Sender(boundary, self._scheduler, self.retry, rng),
                         self._scheduler)
-        self._downloader = Downloader(self._api, self._scheduler, self.poll, rng)
+        self._downloader = Downloader(self._api, self._scheduler, self.poll, self.download, rng)
         self._uploader = Uploader(self._api, self.limits)
         self._base_url = base
         self._state = _State.UNOPENED

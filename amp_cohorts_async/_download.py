@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from ._api import Api
-from ._config import PollPolicy
+from ._config import DownloadPolicy, PollPolicy
 from ._events import Progress
 from ._exceptions import CohortJobError
 from ._models import CohortRequest, DownloadResult, ExportOptions
@@ -30,11 +30,13 @@ class Downloader:
     """Chains request -> poll -> fetch for one cohort, with progress events."""
 
     def __init__(
-        self, api: Api, scheduler: Scheduler, poll: PollPolicy, rng: random.Random
+        self, api: Api, scheduler: Scheduler, poll: PollPolicy, download: DownloadPolicy,
+        rng: random.Random,
     ) -> None:
         self.api = api
         self.scheduler = scheduler
         self.poll = poll
+        self.download = download
         self.rng = rng
 
     async def download_cohort(
@@ -62,7 +64,7 @@ class Downloader:
                 progress.emit("requested")
                 await self.wait_for_job(api, request.request_id, cohort_id, progress,
                                         reused=reused)
-                result = await fetch_file(api, request.request_id, target, progress)
+                result = await fetch_file(api, self.download, request.request_id, target, progress)
             finally:
                 if jobs is not None:
                     jobs.release()
@@ -113,6 +115,5 @@ class Downloader:
 
     async def download_file(self, request_id: str, target: pathlib.Path) -> DownloadResult:
         """The file of an export request made earlier (by anyone) to ``target``."""
-        return await fetch_file(
-            self.api, request_id, target, Progress(None, self.api.cohort_of(request_id))
-        )
+        return await fetch_file(self.api, self.download, request_id, target,
+                                Progress(None, self.api.cohort_of(request_id)))

@@ -15,6 +15,7 @@ AmplitudeError                      base of everything raised
 ├── QuotaExceededError              the monthly quota would be exceeded
 ├── CohortJobError                  export job failed or passed its deadline
 ├── DownloadError                   the file could not be fetched intact
+│   └── DiskError                   the file could not be written here (.errno: ENOSPC...)
 └── PartialWriteError               an upload/membership update stopped part-way (what was applied)
 ```
 
@@ -35,6 +36,7 @@ __all__ = (
     "AmplitudeError",
     "AuthenticationError",
     "CohortJobError",
+    "DiskError",
     "DownloadError",
     "InvalidRequestError",
     "NotFoundError",
@@ -147,6 +149,18 @@ class CohortJobError(AmplitudeError):
 
 class DownloadError(AmplitudeError):
     """The cohort file could not be fetched intact."""
+
+
+class DiskError(DownloadError):
+    """The file could not be written where it was asked for: a full disk, a read-only or
+    vanished directory, a quota. ``errno`` is the operating system's code (``errno.ENOSPC``...)
+    and ``path`` the file or directory concerned. Nothing is left behind when it is raised."""
+
+    def __init__(self, message: str, *, errno: int | None = None, path: str | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.path = path
 
 
 class PartialWriteError(AmplitudeError):

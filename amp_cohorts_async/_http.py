@@ -7,38 +7,38 @@ error status into the library's own exceptions. Nothing above it sees an httpx e
 from __future__ import annotations
 
 import base64
-import email.utils
+import contextlib
 import json
 import logging
 import ssl
-import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
+import anyio
 import attrs
 import httpx
 
+from ._body import Body, Sink
 from ._config import DownloadPolicy, is_loopback
 from ._exceptions import (
+    AmplitudeError,
     APIStatusError,
-    AuthenticationError,
     DownloadError,
     InvalidRequestError,
-    NotFoundError,
-    RateLimitError,
     ResponseValidationError,
-    ServerError,
     TransportError,
 )
 from ._redact import install_log_redaction, redact, redact_url
 from ._redirects import check_download_url
 from ._s3_leg import BlockingGetter
+from ._status import parse_retry_after, status_error_from
 
 __all__ = (
     "Credentials",
     "HttpBoundary",
     "Request",
     "Response",
+    "StreamedBody",
     "default_http_client",
     "http_client_for",
     "parse_json",
@@ -158,88 +158,10 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Retry-After as seconds (delta-seconds or HTTP-date), or None if absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
-        return None
-    return max(0.0, seconds)
-
-
-def _error_fields(body: bytes) -> tuple[str | None, str | None, Any]:
-    """(message, type, metadata) from Amplitude's ``{"error": {...}}`` body, if it has one."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
-        return None, None, None
-    if not isinstance(data, dict):
-        return None, None, None
-    error = data.get("error")
-    if isinstance(error, dict):
-        message = error.get("message")
-        kind = error.get("type")
-        return (
-            str(message) if message is not None else None,
-            str(kind) if kind is not None else None,
-            error.get("metadata"),
-        )
-    if isinstance(error, str):
-        return error, None, None
-    message = data.get("message")
-    return (str(message) if message is not None else None), None, None
-
-
 def status_error(response: httpx.Response, body: bytes) -> APIStatusError:
     """The exception for an error response whose body has been read."""
     return status_error_from(response.status_code, response.headers, body,
                              _request_line(response.request), response=response)
-
-
-def status_error_from(
-    code: int,
-    headers: Mapping[str, str],
-    body: bytes,
-    request_line: str,
-    *,
-    response: httpx.Response | None = None,
-) -> APIStatusError:
-    """The exception for an error status, its body and its (redacted) request line."""
-    message, kind, metadata = _error_fields(body)
-    if message is None:
-        text = body.decode("utf-8", "replace").strip()
-        if text.startswith("<") and "<Message>" in text:  # S3's XML errors
-            text = text.split("<Message>", 1)[1].split("</Message>", 1)[0]
-        message = text[:300] or httpx.codes.get_reason_phrase(code) or "no message"
-    message = redact(message)
-    fields: dict[str, Any] = {
-        "status_code": code,
-        "type": kind,
-        "metadata": metadata,
-        "response": response,
-        "request_line": request_line,
-    }
-    if code == 429:
-        retry_after = parse_retry_after(headers.get("Retry-After") or headers.get("retry-after"))
-        return RateLimitError(message, retry_after=retry_after, **fields)
-    if code in (401, 403):
-        return AuthenticationError(message, **fields)
-    if code == 404:
-        return NotFoundError(message, **fields)
-    if code >= 500:
-        return ServerError(message, **fields)
-    return APIStatusError(message, **fields)
 
 
 def parse_json(response: httpx.Response, body: bytes, *, what: str) -> Any:
@@ -317,23 +239,40 @@ class HttpBoundary:
             # httpx parses a redirect's Location even when it does not follow it.
             raise DownloadError(f"unusable redirect Location: {redact(str(exc))}") from None
 
-    def check_external(self, url: str) -> None:
-        """DownloadError unless the download policy lets ``url`` be fetched (no connection)."""
-        check_download_url(url, self.download_policy, loopback_origin=self._loopback_origin)
+    def body(self, response: httpx.Response) -> StreamedBody:
+        """An answer of Amplitude's (``/file``) as a ``Body`` the transfer reads."""
+        return StreamedBody(response)
 
-    async def send_external(
-        self, url: str, headers: Mapping[str, str] | None = None
-    ) -> httpx.Response:
+    @contextlib.asynccontextmanager
+    async def open_presigned(
+        self, url: str, headers: Mapping[str, str]
+    ) -> AsyncIterator[Body]:
         """GET a presigned URL with only ``headers``: no auth, client headers or cookies.
 
-        The URL must pass the download policy first (DownloadError before any connection).
+        The one way to a presigned URL, for both stacks: the URL must pass the download policy
+        first (DownloadError before any connection); then a client we own on the network reads
+        it in a worker thread (``_s3_leg``), any other client through httpx.
+        """
+        check_download_url(url, self.download_policy, loopback_origin=self._loopback_origin)
+        if self.blocking is not None:
+            async with self.blocking.opened(url, headers) as threaded:
+                yield threaded
+            return
+        response = await self._send_external(url, headers)
+        try:
+            yield StreamedBody(response)
+        finally:
+            await response.aclose()
+
+    async def _send_external(self, url: str, headers: Mapping[str, str]) -> httpx.Response:
+        """The httpx GET of a presigned URL.
+
         The request is built directly rather than through the client, so nothing the client
         carries (default headers, cookies, ``auth=``) can ride along; S3 answers a request with
         two auth mechanisms with 400.
         """
-        self.check_external(url)
         try:
-            request = httpx.Request("GET", url, headers=dict(headers or {}))
+            request = httpx.Request("GET", url, headers=dict(headers))
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, TypeError, ValueError) as exc:
             raise DownloadError(f"invalid download URL: {redact(str(exc))}") from None
         # A presigned URL answers with the stored object; ask for it unchanged so Range works.
@@ -350,8 +289,90 @@ class HttpBoundary:
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response.request) from None
 
-    async def iter_raw(self, response: httpx.Response) -> AsyncIterator[bytes]:
+    async def raise_for_status(self, response: httpx.Response) -> None:
+        """Raise the mapped error for a 4xx/5xx response (reading its body first)."""
+        if response.status_code < 400:
+            return
+        try:
+            body = await response.aread()
+        except httpx.HTTPError:
+            body = b""
+        raise status_error(response, body)
+
+
+_REDIRECTS = frozenset((301, 302, 303, 307, 308))
+BATCH_BYTES = 4 << 20  # per worker-thread call: few GIL hand-offs, memory bounded at ~4 batches
+
+
+class StreamedBody:
+    """An httpx response as a ``Body``: its stream poured into a sink in batches."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.status = response.status_code
+        self.headers: Mapping[str, str] = response.headers
+
+    def location(self) -> str | None:
+        if self.status not in _REDIRECTS:
+            return None
+        location = self.response.headers.get("Location")
+        if not location:
+            raise DownloadError(f"HTTP {self.status} redirect without a Location")
+        try:
+            return str(self.response.url.join(location))
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise DownloadError(f"unusable redirect Location: {redact(str(exc))}") from None
+
+    async def error(self) -> APIStatusError:
+        try:
+            body = await self.response.aread()
+        except httpx.HTTPError:  # the error status is what matters; a broken error body is not
+            body = b""
+        return status_error(self.response, body)
+
+    async def pour_into(self, sink: Sink, report: Callable[[], None]) -> int:
+        """Batches of ~4 MiB are written by the sink in a worker thread while the next batch is
+        received (one batch in the thread, at most one more queued), so the network and the
+        disk/hash work overlap and memory stays at a few MiB."""
+        send, receive = anyio.create_memory_object_stream[list[bytes]](1)
+        received = 0
+        broken: TransportError | None = None
+
+        async def write_batches() -> None:
+            async with receive:
+                async for batch in receive:
+                    await anyio.to_thread.run_sync(sink.write_batch, batch)
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(write_batches)
+                async with send:
+                    pending: list[bytes] = []
+                    size = 0
+                    try:
+                        async for chunk in self._raw():
+                            received += len(chunk)
+                            pending.append(chunk)
+                            size += len(chunk)
+                            if size >= BATCH_BYTES:
+                                await send.send(pending)
+                                pending, size = [], 0
+                                report()
+                    except TransportError as exc:
+                        broken = exc  # the connection broke: keep every byte that arrived
+                    if pending:
+                        await send.send(pending)
+        except BaseExceptionGroup as group:
+            # The writer failed (the disk, a bad body) and the reader was cancelled, or the
+            # other way round: raise the one error as itself, never wrapped in a group.
+            raise _one_error(group) from None
+        if broken is not None:
+            raise broken
+        return received
+
+    async def _raw(self) -> AsyncIterator[bytes]:
         """The body as it arrives on the wire (not decoded), with httpx errors mapped."""
+        response = self.response
         if response.is_stream_consumed and isinstance(response.stream, httpx.AsyncByteStream):
             # A mock transport's response built from bytes was read at construction; its
             # stream still holds the raw (undecoded) bytes, which is what we want.
@@ -364,22 +385,18 @@ class HttpBoundary:
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response.request) from None
 
-    def redirect_location(self, response: httpx.Response) -> str:
-        """The absolute URL a redirect points to; a missing or unusable one is a DownloadError."""
-        location = response.headers.get("Location")
-        if not location:
-            raise DownloadError(f"HTTP {response.status_code} redirect without a Location")
-        try:
-            return str(response.url.join(location))
-        except (httpx.InvalidURL, ValueError) as exc:
-            raise DownloadError(f"unusable redirect Location: {redact(str(exc))}") from None
 
-    async def raise_for_status(self, response: httpx.Response) -> None:
-        """Raise the mapped error for a 4xx/5xx response (reading its body first)."""
-        if response.status_code < 400:
-            return
-        try:
-            body = await response.aread()
-        except httpx.HTTPError:
-            body = b""
-        raise status_error(response, body)
+def _one_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a task group of two stood for: a library error before a cancellation."""
+    flat: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        else:
+            flat.append(error)
+    for error in flat:
+        if isinstance(error, AmplitudeError):
+            return error
+    return flat[0]

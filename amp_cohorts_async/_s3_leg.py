@@ -24,21 +24,24 @@ import ssl
 import threading
 import urllib.request
 from base64 import b64encode
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import anyio
 import attrs
 
-from ._exceptions import DownloadError, IncompleteBodyError, TransportError
+from ._background import alongside
+from ._body import Sink
+from ._exceptions import APIStatusError, DownloadError, IncompleteBodyError, TransportError
 from ._redact import redact_url
+from ._status import status_error_from
 
-__all__ = ("BlockingGetter", "Leg", "run_abortable")
+__all__ = ("BlockingGetter", "Leg", "ThreadedBody", "run_abortable")
 
 T = TypeVar("T")
 
-READ_SIZE = 1 << 20
+REPORT_EVERY = 0.25  # seconds between two progress reports of a transfer in the thread
 USER_AGENT = "amp-cohorts-async"
 
 
@@ -85,6 +88,41 @@ class Leg:
             raise TransportError(f"{type(exc).__name__} reading the download: {exc}") from None
 
 
+class ThreadedBody:
+    """A presigned URL's answer on the threaded leg (see ``_body.Body``)."""
+
+    def __init__(self, leg: Leg, status: int, headers: dict[str, str], url: str) -> None:
+        self.leg = leg
+        self.status = status
+        self.headers: Mapping[str, str] = headers
+        self._url = url
+
+    def location(self) -> None:
+        return None  # a presigned URL's redirect is not followed: it is an error status
+
+    async def error(self) -> APIStatusError:
+        response = self.leg.response
+        assert response is not None
+        body = await run_abortable(lambda: _read_error(response), self.leg)
+        return status_error_from(self.status, self.headers, body, f"GET {redact_url(self._url)}")
+
+    async def pour_into(self, sink: Sink, report: Callable[[], None]) -> int:
+        async def report_every() -> None:
+            while True:
+                await anyio.sleep(REPORT_EVERY)
+                report()
+
+        async with alongside(report_every):
+            return await run_abortable(lambda: sink.pump(self.leg.read_into), self.leg)
+
+
+def _read_error(response: http.client.HTTPResponse) -> bytes:
+    try:
+        return response.read(1 << 16)
+    except (OSError, http.client.HTTPException):
+        return b""
+
+
 @attrs.frozen
 class BlockingGetter:
     """Opens presigned URLs from a worker thread, with the owned httpx client's TLS context."""
@@ -92,6 +130,16 @@ class BlockingGetter:
     ssl_context: ssl.SSLContext
     timeout: float = 60.0
     trust_env: bool = True
+
+    @contextlib.asynccontextmanager
+    async def opened(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[ThreadedBody]:
+        """GET ``url`` from a worker thread; the answer's body is read by ``pour_into``."""
+        leg = Leg()
+        try:
+            status, answer = await run_abortable(lambda: self.open(url, headers, leg), leg)
+            yield ThreadedBody(leg, status, answer, url)
+        finally:
+            leg.close()  # a socket close, quick; on the loop so a cancellation cannot skip it
 
     def open(self, url: str, headers: Mapping[str, str], leg: Leg) -> tuple[int, dict[str, str]]:
         """Blocking: connect, send the GET, read the status and headers into ``leg``."""

@@ -13,7 +13,7 @@ API_MD_NAMES = {
     "iter_members", "iter_member_batches", "MemberBatch", "LimitsBackend",
 }
 # Additions beyond API.md, documented in the README.
-EXTENSIONS = {"PartialWriteError", "DownloadPolicy", "InMemoryLimits",
+EXTENSIONS = {"PartialWriteError", "DiskError", "DownloadPolicy", "InMemoryLimits",
               "LimitsBackendError", "Permit", "PermitRequest", "PermitWait", "Settlement"}
 
 
@@ -31,6 +31,7 @@ def test_error_tree() -> None:
     assert issubclass(amp.InvalidRequestError, ValueError)
     for cls in (amp.AuthenticationError, amp.NotFoundError, amp.RateLimitError, amp.ServerError):
         assert issubclass(cls, amp.APIStatusError)
+    assert issubclass(amp.DiskError, amp.DownloadError)
     for cls in (amp.InvalidRequestError, amp.TransportError, amp.APIStatusError,
                 amp.ResponseValidationError, amp.QuotaExceededError, amp.CohortJobError,
                 amp.DownloadError, amp.PartialWriteError):

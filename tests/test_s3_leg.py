@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 import httpx
@@ -21,7 +20,8 @@ import pytest
 
 import amp_cohorts_async as amp
 from amp_cohorts_async._digest import BackgroundDigest
-from amp_cohorts_async._files import AtomicWriter
+from amp_cohorts_async._files import AtomicFile
+from amp_cohorts_async._sink import BodySink
 from amp_cohorts_async.testing import FakeAmplitude
 
 POLL = amp.PollPolicy(initial_interval=0.05, max_interval=0.2)
@@ -224,21 +224,17 @@ def test_a_failing_digest_thread_fails_the_writer_instead_of_hanging_it() -> Non
 async def test_a_corrupt_gzip_body_is_a_download_error_and_leaves_nothing(
     tmp_path: pathlib.Path, path: str
 ) -> None:
-    """Our own gzip decoding (both writer paths): zlib's error becomes a named DownloadError."""
+    """Our own gzip decoding (both ways in): zlib's error becomes a named DownloadError."""
     body = b"\x1f\x8b" + b"x" * 64
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield body
-
     source = io.BytesIO(body)
 
     async def write() -> None:
-        async with AtomicWriter(tmp_path / "c.csv") as writer:
-            writer.start_representation("gzip")
+        async with AtomicFile(tmp_path / "c.csv") as file, BodySink(file) as sink:
+            sink.begin("gzip")
             if path == "thread":
-                await anyio.to_thread.run_sync(writer.pump_blocking, source.readinto)
+                await anyio.to_thread.run_sync(sink.pump, source.readinto)
             else:
-                await writer.pump(chunks())
+                await anyio.to_thread.run_sync(sink.write_batch, [body])
 
     with pytest.raises(amp.DownloadError, match="corrupt gzip body"):
         await write()
