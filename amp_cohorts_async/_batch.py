@@ -1,10 +1,15 @@
-"""download_cohorts: plan from the journal -> check the quota -> fan out, one outcome per id."""
+"""download_cohorts: plan from the journal -> check the quota -> fan out, one outcome per id.
+
+``fan_out`` and ``export_one`` are the batch machinery ``sync_cohorts`` shares: the order of
+starts, one cohort's failure kept to itself, the export recorded in the directory's store.
+"""
 
 from __future__ import annotations
 
 import logging
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import anyio
 
@@ -13,11 +18,13 @@ from ._download import Downloader
 from ._events import Progress, ProgressCallback
 from ._exceptions import AmplitudeError, CohortJobError, NotFoundError, QuotaExceededError
 from ._files import safe_filename
-from ._journal import Journal, Plan, journal_key, utc_now_iso
 from ._models import CohortOutcome, CohortRequest, DownloadResult, ExportOptions
 from ._scheduler import Scheduler
+from ._store import DirectoryStore, journal_key, utc_now_iso
 
-__all__ = ("download_cohorts",)
+__all__ = ("download_cohorts", "export_one", "fan_out", "sizes_from_the_list")
+
+T = TypeVar("T")
 
 logger = logging.getLogger("amp_cohorts_async")
 
@@ -35,17 +42,15 @@ async def download_cohorts(
     resume: bool,
 ) -> list[CohortOutcome]:
     """Arguments arrive validated; ``sizes`` (where known) order the largest exports first."""
-    journal = Journal(directory)
+    store = DirectoryStore(directory)
+    await store.check_writable()  # before anything is spent
     if resume:
-        await journal.load()
+        await store.load()
     unique = list(dict.fromkeys(cohort_ids))
-    plan = await journal.plan(unique, export, scheduler.wall_clock())
+    plan = await store.plan(unique, export, scheduler.wall_clock())
     if plan.fresh:
         await _check_quota(api, scheduler, len(plan.fresh))
 
-    results: dict[str, CohortOutcome] = {
-        c: CohortOutcome(cohort_id=c, result=r) for c, r in plan.finished.items()
-    }
     for cohort_id in unique:
         progress = Progress(on_progress, cohort_id)
         if cohort_id in plan.finished:
@@ -54,27 +59,48 @@ async def download_cohorts(
         else:
             progress.emit("queued")
 
-    async def one(cohort_id: str) -> None:
-        try:
-            result = await _download_one(downloader, journal, scheduler, plan, cohort_id,
-                                         directory, export, Progress(on_progress, cohort_id))
-            results[cohort_id] = CohortOutcome(cohort_id=cohort_id, result=result)
-        except AmplitudeError as error:
-            results[cohort_id] = CohortOutcome(cohort_id=cohort_id, error=error)
+    async def one(cohort_id: str) -> DownloadResult:
+        return await export_one(downloader, store, scheduler, cohort_id, export,
+                                Progress(on_progress, cohort_id),
+                                reusable=plan.reusable.get(cohort_id))
 
-    # Export time grows with cohort size: when sizes are known, start the largest first so the
-    # long jobs overlap the rate-limit waits instead of trailing at the end of the batch.
-    if len(plan.fresh) + len(plan.reusable) > 1 and not sizes:
-        sizes = await _sizes_from_the_list(api)
-    order = sorted(unique, key=lambda c: -sizes.get(c, -1))  # stable: unknown sizes keep order
-    async with anyio.create_task_group() as group:
-        for cohort_id in order:
-            if cohort_id not in plan.finished:
-                group.start_soon(one, cohort_id)
+    pending = [c for c in unique if c not in plan.finished]
+    if len(pending) > 1 and not sizes:
+        sizes = await sizes_from_the_list(api)
+    done = await fan_out(pending, sizes, one)
+    results = {c: CohortOutcome(cohort_id=c, result=r) for c, r in plan.finished.items()}
+    for cohort_id, value in done.items():
+        results[cohort_id] = (CohortOutcome(cohort_id=cohort_id, error=value)
+                              if isinstance(value, AmplitudeError)
+                              else CohortOutcome(cohort_id=cohort_id, result=value))
     return [results[c] for c in cohort_ids]
 
 
-async def _sizes_from_the_list(api: Api) -> dict[str, int]:
+async def fan_out(
+    cohort_ids: Sequence[str], sizes: dict[str, int], job: Callable[[str], Awaitable[T]]
+) -> dict[str, T | AmplitudeError]:
+    """Run ``job`` for every cohort at once (the scheduler paces them); one cohort's
+    AmplitudeError is its own result and never cancels the others.
+
+    Export time grows with cohort size: the largest start first (unknown sizes keep their
+    order), so the long jobs overlap the rate-limit waits instead of trailing at the end.
+    """
+    results: dict[str, T | AmplitudeError] = {}
+
+    async def run(cohort_id: str) -> None:
+        try:
+            results[cohort_id] = await job(cohort_id)
+        except AmplitudeError as error:
+            results[cohort_id] = error
+
+    order = sorted(cohort_ids, key=lambda c: -sizes.get(c, -1))  # stable
+    async with anyio.create_task_group() as group:
+        for cohort_id in order:
+            group.start_soon(run, cohort_id)
+    return results
+
+
+async def sizes_from_the_list(api: Api) -> dict[str, int]:
     """Cohort sizes from one ``list_cohorts`` call (no quota), to order a batch given ids.
 
     Only an optimisation: if the list cannot be had, the batch keeps its input order.
@@ -103,24 +129,32 @@ async def _check_quota(api: Api, scheduler: Scheduler, needed: int) -> None:
         )
 
 
-async def _download_one(
+async def export_one(
     downloader: Downloader,
-    journal: Journal,
+    store: DirectoryStore,
     scheduler: Scheduler,
-    plan: Plan,
     cohort_id: str,
-    directory: pathlib.Path,
     export: ExportOptions,
     progress: Progress,
+    *,
+    reusable: CohortRequest | None = None,
+    last_computed: str | None = None,
 ) -> DownloadResult:
+    """Export ``cohort_id`` to ``<directory>/<safe id>.csv``, or finish the ``reusable``
+    request; the request is journaled the moment it is accepted, the file once it is in place.
+
+    ``last_computed``: what the list showed before the request (a sync's; None otherwise).
+    """
     key = journal_key(cohort_id, export)
-    target = directory / safe_filename(cohort_id)
+    target = store.directory / safe_filename(cohort_id)
 
     async def record_request(request: CohortRequest) -> None:
-        await journal.update(
+        await store.update(
             key, cohort_id=cohort_id, request_id=request.request_id,
             requested_at=utc_now_iso(scheduler.wall_clock()),
-            file=None, sha256=None, size_bytes=None, members=None,
+            request_last_computed=last_computed,
+            file=None, sha256=None, size_bytes=None, members=None, mtime_ns=None,
+            last_computed=None,
         )
 
     async def attempt(request: CohortRequest | None) -> DownloadResult:
@@ -128,7 +162,6 @@ async def _download_one(
             cohort_id, target, export, progress, request=request, on_requested=record_request
         )
 
-    reusable = plan.reusable.get(cohort_id)
     try:
         result = await attempt(reusable)
     except (NotFoundError, CohortJobError) as error:
@@ -139,7 +172,9 @@ async def _download_one(
         logger.warning("not reusing request %s for %s: %s", reusable.request_id, cohort_id,
                        error)
         result = await attempt(None)
-    await journal.update(key, cohort_id=cohort_id, file=result.path.name,
-                         size_bytes=result.size_bytes, sha256=result.sha256,
-                         members=result.members)
+    written = await anyio.Path(result.path).stat()
+    await store.update(key, cohort_id=cohort_id, request_id=result.request_id,
+                       file=result.path.name, size_bytes=result.size_bytes,
+                       sha256=result.sha256, members=result.members,
+                       mtime_ns=written.st_mtime_ns, last_computed=last_computed)
     return result

@@ -15,8 +15,8 @@ import anyio
 
 from .._client import CohortsClient
 from .._exceptions import InvalidRequestError, NotFoundError
-from .._journal import Journal, Plan
 from .._models import Cohort, CohortOutcome, DownloadResult, MembershipChange, Operation
+from .._store import DirectoryStore, Plan
 from .._validate import export_options
 from ._live import ProgressView
 from ._output import is_tty, plural, print_json, report, summary
@@ -140,12 +140,12 @@ async def _earlier_batch(directory: pathlib.Path, ids: list[str], props: bool,
                          prop_keys: tuple[str, ...], client: CohortsClient) -> Plan | None:
     """What the journal of an earlier batch in ``directory`` holds for these ids (a look
     only: nothing is changed), or None without one."""
-    journal = Journal(directory)
-    await journal.load(set_aside=False)
-    if not journal.entries:
+    store = DirectoryStore(directory)
+    await store.load(set_aside=False)
+    if not store.entries:
         return None
     export = export_options(props, prop_keys)
-    return await journal.plan(list(dict.fromkeys(ids)), export, client.scheduler.wall_clock())
+    return await store.plan(list(dict.fromkeys(ids)), export, client.scheduler.wall_clock())
 
 
 async def cmd_upload(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
