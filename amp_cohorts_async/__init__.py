@@ -2,6 +2,7 @@
 
 from ._client import CohortsClient
 from ._config import DownloadPolicy, Limits, PollPolicy, RateWindow, RetryPolicy
+from ._diff import MembershipDiff, diff_members
 from ._exceptions import (
     AmplitudeError,
     APIStatusError,
@@ -67,6 +68,7 @@ __all__ = (
     "LimitsBackendError",
     "MemberBatch",
     "MembershipChange",
+    "MembershipDiff",
     "MembershipIdType",
     "MembershipOutcome",
     "MembershipResult",
@@ -90,6 +92,7 @@ __all__ = (
     "TransportError",
     "UploadResult",
     "Usage",
+    "diff_members",
     "iter_member_batches",
     "iter_members",
 )

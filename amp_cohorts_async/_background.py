@@ -1,14 +1,17 @@
-"""A helper task that runs alongside a block and stops with it."""
+"""Work beside the caller: a helper task alongside a block; a thread that stops when asked."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
-__all__ = ("alongside",)
+__all__ = ("alongside", "run_stoppable")
+
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -29,3 +32,35 @@ async def alongside(helper: Callable[[], Coroutine[Any, Any, None]]) -> AsyncIte
             group.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+class _Stopped(Exception):
+    """The caller was cancelled: the thread's work ends at its next check."""
+
+
+async def run_stoppable(work: Callable[[Callable[[], None]], T]) -> T:
+    """``work(check)`` in a worker thread, where ``check()`` raises once the caller is cancelled.
+
+    Cancelled, the caller waits (shielded) until the thread has seen the check and cleaned up
+    after itself, so nothing the thread writes outlives the call.
+    """
+    stop = threading.Event()
+    finished = threading.Event()
+
+    def check() -> None:
+        if stop.is_set():
+            raise _Stopped
+
+    def tracked() -> T:
+        try:
+            return work(check)
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(tracked, abandon_on_cancel=True)
+    except BaseException:
+        stop.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(finished.wait)
+        raise

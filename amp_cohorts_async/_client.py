@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-import pathlib
 import random
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -18,15 +17,13 @@ from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-import anyio
-
 from ._api import Api
 from ._batch import download_cohorts
 from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import Downloader
 from ._events import Progress, ProgressCallback
 from ._exceptions import InvalidRequestError
-from ._files import resolve_target
+from ._files import make_directory, resolve_target
 from ._http import Credentials, HttpBoundary, http_client_for
 from ._limits import LimitsBackend
 from ._models import (
@@ -43,7 +40,7 @@ from ._models import (
 from ._scheduler import Scheduler
 from ._send import Sender
 from ._upload import Uploader
-from ._validate import export_options, require_bool, require_id, text_path
+from ._validate import export_options, require_bool, require_id
 
 if TYPE_CHECKING:  # annotations of the public signature only; httpx is used by _http.py
     import httpx
@@ -355,14 +352,7 @@ class CohortsClient:
         export = export_options(props, prop_keys)
         callback = _progress_callback(on_progress)
         require_bool(resume, "resume")
-        directory = pathlib.Path(text_path(dest_dir, "dest_dir"))
-        try:
-            await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise InvalidRequestError(f"dest_dir is not a directory: {directory}") from None
-        except OSError as exc:
-            raise InvalidRequestError(
-                f"cannot create dest_dir {directory}: {exc.strerror or exc}") from None
+        directory = await make_directory(dest_dir, "dest_dir")
         self._check_open()
         return await download_cohorts(
             self._api, self._downloader, self._scheduler, ids, sizes, directory, export,

@@ -24,7 +24,7 @@ import anyio
 from ._exceptions import DiskError, InvalidRequestError
 from ._validate import text_path
 
-__all__ = ("AtomicFile", "disk_errors", "resolve_target", "safe_filename")
+__all__ = ("AtomicFile", "disk_errors", "make_directory", "resolve_target", "safe_filename")
 
 WRITE_PIECE = 64 << 10  # bytes per write call (see _write_in_pieces)
 WRITE_BEHIND = 32 << 20  # bytes between two write-back starts of the threaded leg
@@ -115,6 +115,19 @@ def resolve_target(dest: Any, cohort_id: str | None) -> pathlib.Path:
     if not path.parent.is_dir():
         raise InvalidRequestError(f"the directory of dest does not exist: {path.parent}")
     return path
+
+
+async def make_directory(value: Any, name: str) -> pathlib.Path:
+    """The directory argument ``name`` as a path, created (with its parents) if missing."""
+    directory = pathlib.Path(text_path(value, name))
+    try:
+        await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InvalidRequestError(f"{name} is not a directory: {directory}") from None
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"cannot create {name} {directory}: {exc.strerror or exc}") from None
+    return directory
 
 
 def _open_temp(path: pathlib.Path) -> IO[bytes]:

@@ -11,6 +11,7 @@ API_MD_NAMES = {
     "AuthenticationError", "NotFoundError", "RateLimitError", "ServerError",
     "ResponseValidationError", "QuotaExceededError", "CohortJobError", "DownloadError",
     "iter_members", "iter_member_batches", "MemberBatch", "LimitsBackend",
+    "diff_members", "MembershipDiff",
 }
 # Additions beyond API.md, documented in the README.
 EXTENSIONS = {"PartialWriteError", "DiskError", "DownloadPolicy", "InMemoryLimits",

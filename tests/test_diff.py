@@ -1,0 +1,241 @@
+"""diff_members against a plain set computation, and what it leaves behind when it fails."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import pathlib
+import tempfile
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import amp_cohorts_async as amp
+
+HEADER = ["amplitude_id", "user_id", "city"]
+GROUP_HEADER = ["group_id", "group_name"]
+
+# Values as exports hold them: quotes, commas, line breaks, non-ASCII; no leading tab (a tab
+# in front of every value is what marks a group cohort) and no NUL (csv refuses it).
+VALUES = st.text(alphabet=st.sampled_from('ab1 ,"\nzß'), max_size=5)
+KEYS = st.sampled_from(["", "1", "2", "3", "4", "5", '"6"', "7,8", "9\n"])  # few: overlaps
+
+
+def export_bytes(header: list[str], rows: list[list[str]], *, group: bool, compress: bool,
+                 quoting: Any) -> bytes:
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, quoting=quoting, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([f"\t{value}" for value in row] if group else row)
+    data = text.getvalue().encode()
+    return gzip.compress(data) if compress else data
+
+
+@st.composite
+def exports(draw: st.DrawFn) -> tuple[bool, str, bytes, bytes]:
+    group = draw(st.booleans())
+    key = draw(st.sampled_from(["group_id", "group_name"] if group else HEADER[:2]))
+    width = len(GROUP_HEADER if group else HEADER)
+
+    def rows() -> list[list[str]]:
+        keyed = st.tuples(KEYS, st.lists(VALUES, min_size=width - 1, max_size=width - 1))
+        drawn = draw(st.lists(keyed, max_size=25))
+        position = (GROUP_HEADER if group else HEADER).index(key)
+        return [[*values[:position], value, *values[position:]] for value, values in drawn]
+
+    old_rows, new_rows = rows(), rows()
+    header = GROUP_HEADER if group else HEADER
+    quoting = draw(st.sampled_from([csv.QUOTE_ALL, csv.QUOTE_MINIMAL]))
+    old = export_bytes(header, old_rows, group=group, compress=draw(st.booleans()),
+                       quoting=quoting)
+    new = export_bytes(header, new_rows, group=group, compress=draw(st.booleans()),
+                       quoting=quoting)
+    return group, key, old, new
+
+
+async def rows_of(path: pathlib.Path) -> list[dict[str, str]]:
+    return [row async for row in amp.iter_members(path)]
+
+
+def members(rows: list[dict[str, str]], key: str) -> dict[str, dict[str, str]]:
+    """Each key's first row, as the diff promises to write it."""
+    first: dict[str, dict[str, str]] = {}
+    for row in rows:
+        if row.get(key, ""):
+            first.setdefault(row[key], row)
+    return first
+
+
+def header_of(path: pathlib.Path) -> list[str]:
+    with path.open(encoding="utf-8", newline="") as file:
+        return next(csv.reader(file))
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(exports())
+def test_diff_equals_a_plain_set_computation(case: tuple[bool, str, bytes, bytes]) -> None:
+    group, key, old_bytes, new_bytes = case
+
+    async def check(directory: pathlib.Path) -> None:
+        old, new = directory / "old.csv", directory / "new.csv"
+        old.write_bytes(old_bytes)
+        new.write_bytes(new_bytes)
+        diff = await amp.diff_members(old, new, directory / "out", key=key)
+
+        old_rows, new_rows = await rows_of(old), await rows_of(new)
+        before, after = members(old_rows, key), members(new_rows, key)
+        entering = {k: row for k, row in after.items() if k not in before}
+        exiting = {k: row for k, row in before.items() if k not in after}
+        assert diff.entering == len(entering)
+        assert diff.exiting == len(exiting)
+        assert diff.unchanged == len(before.keys() & after.keys())
+        assert diff.no_key == sum(not row.get(key, "") for row in old_rows + new_rows)
+        assert diff.key == key
+        written_entering = await rows_of(diff.entering_path)
+        written_exiting = await rows_of(diff.exiting_path)
+        assert sorted(map(sorted, map(dict.items, written_entering))) == sorted(
+            map(sorted, map(dict.items, entering.values())))
+        assert sorted(map(sorted, map(dict.items, written_exiting))) == sorted(
+            map(sorted, map(dict.items, exiting.values())))
+        expected_header = GROUP_HEADER if group else HEADER
+        assert header_of(diff.entering_path) == expected_header
+        assert header_of(diff.exiting_path) == expected_header
+        assert sorted(p.name for p in (directory / "out").iterdir()) == [
+            "entering.csv", "exiting.csv"]
+
+    with tempfile.TemporaryDirectory() as name:
+        anyio.run(check, pathlib.Path(name))
+
+
+def write(path: pathlib.Path, *lines: str) -> pathlib.Path:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return path
+
+
+async def test_rows_are_written_as_the_export_had_them(tmp_path: pathlib.Path) -> None:
+    old = write(tmp_path / "old.csv", '"amplitude_id","user_id","city"',
+                '"1","a","Paris, TX"', '"2","","Berlin"', '"3","c","x"')
+    new = write(tmp_path / "new.csv", '"amplitude_id","user_id","city","plan"',
+                '"3","c","y","pro"', '"4","d","The ""Big"" Apple","free"', '"5","","","x"')
+    diff = await amp.diff_members(old, new, tmp_path / "out")
+    assert (diff.entering, diff.exiting, diff.unchanged, diff.no_key) == (2, 2, 1, 0)
+    assert diff.entering_path.read_text().splitlines() == [
+        '"amplitude_id","user_id","city","plan"',
+        '"4","d","The ""Big"" Apple","free"', '"5","","","x"']
+    assert sorted(diff.exiting_path.read_text().splitlines()[1:]) == [
+        '"1","a","Paris, TX"', '"2","","Berlin"']
+
+    by_user = await amp.diff_members(old, new, tmp_path / "by-user", key="user_id")
+    # members without a user id are counted, not compared
+    assert (by_user.entering, by_user.exiting, by_user.unchanged, by_user.no_key) == (1, 1, 1, 2)
+
+
+async def test_group_cohort_keeps_its_tabs(tmp_path: pathlib.Path) -> None:
+    old = write(tmp_path / "old.csv", '"group_id","group_name"', '"\t1","\tacme"')
+    new = write(tmp_path / "new.csv", '"group_id","group_name"', '"\t2","\tglobex"',
+                '"\t1","\tacme"')
+    diff = await amp.diff_members(old, new, tmp_path, key="group_id")
+    assert (diff.entering, diff.exiting, diff.unchanged) == (1, 0, 1)
+    assert diff.entering_path.read_text().splitlines()[1] == '"\t2","\tglobex"'
+    assert diff.exiting_path.read_text().splitlines() == ['"group_id","group_name"']
+
+
+async def test_an_empty_file_has_no_members(tmp_path: pathlib.Path) -> None:
+    old = tmp_path / "old.csv"
+    old.write_bytes(b"")
+    new = write(tmp_path / "new.csv", '"amplitude_id","user_id"', '"1","a"')
+    diff = await amp.diff_members(old, new, tmp_path / "out")
+    assert (diff.entering, diff.exiting, diff.unchanged) == (1, 0, 0)
+    assert diff.exiting_path.read_text() == '"amplitude_id","user_id"\n'
+
+
+def leftovers(directory: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("old_lines", "key", "error", "message"),
+    [
+        (['"amplitude_id"', '"1"'], "user_id", amp.InvalidRequestError, "no 'user_id' column"),
+        (None, "amplitude_id", amp.ResponseValidationError, "not a readable cohort export"),
+    ],
+)
+async def test_a_failed_diff_leaves_nothing(
+    tmp_path: pathlib.Path, old_lines: list[str] | None, key: str,
+    error: type[Exception], message: str,
+) -> None:
+    old = tmp_path / "old.csv"
+    if old_lines is None:  # a truncated gzip: fails part way through reading
+        data = gzip.compress(b'"amplitude_id"\n' + b'"1"\n' * 50_000)
+        old.write_bytes(data[: len(data) // 2])
+    else:
+        write(old, *old_lines)
+    new = write(tmp_path / "new.csv", '"amplitude_id","user_id"', '"1","a"')
+    out = tmp_path / "out"
+    with pytest.raises(error, match=message):
+        await amp.diff_members(old, new, out, key=key)
+    assert leftovers(out) == []
+
+
+async def test_a_missing_file_is_bad_input(tmp_path: pathlib.Path) -> None:
+    new = write(tmp_path / "new.csv", '"amplitude_id"', '"1"')
+    with pytest.raises(amp.InvalidRequestError, match="no such file"):
+        await amp.diff_members(tmp_path / "nope.csv", new, tmp_path / "out")
+    assert leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"old": 3}, "old must be a path"),
+        ({"new": ""}, "new must be a non-empty"),
+        ({"out_dir": None}, "out_dir must be a path"),
+        ({"key": ""}, "key must not be empty"),
+        ({"key": 5}, "key must be a string"),
+    ],
+)
+async def test_bad_arguments(tmp_path: pathlib.Path, kwargs: dict[str, object],
+                             message: str) -> None:
+    arguments: dict[str, object] = {"old": tmp_path / "a", "new": tmp_path / "b",
+                                    "out_dir": tmp_path / "out", **kwargs}
+    with pytest.raises(amp.InvalidRequestError, match=message):
+        await amp.diff_members(**arguments)  # type: ignore[arg-type]
+
+
+async def test_out_dir_that_is_a_file(tmp_path: pathlib.Path) -> None:
+    old = write(tmp_path / "old.csv", '"amplitude_id"', '"1"')
+    with pytest.raises(amp.InvalidRequestError, match="out_dir is not a directory"):
+        await amp.diff_members(old, old, old)
+
+
+def runs_being_written(out: pathlib.Path) -> bool:
+    """The diff is part way through: some run file in its work directory holds data."""
+    try:
+        return any(run.stat().st_size for work in out.glob(".amp-diff-*")
+                   for run in work.iterdir())
+    except FileNotFoundError:  # the diff finished or failed while we looked
+        return False
+
+
+async def test_a_cancelled_diff_leaves_nothing(tmp_path: pathlib.Path) -> None:
+    rows = [[str(n), f"user-{n}"] for n in range(300_000)]
+    old = tmp_path / "old.csv"
+    old.write_bytes(export_bytes(["amplitude_id", "user_id"], rows, group=False,
+                                 compress=False, quoting=csv.QUOTE_ALL))
+    out = tmp_path / "out"
+    out.mkdir()
+    seen_at_work = False
+    async with anyio.create_task_group() as group:
+        group.start_soon(amp.diff_members, old, old, out)
+        while not seen_at_work:
+            await anyio.sleep(0.005)
+            seen_at_work = runs_being_written(out)
+            assert not (out / "entering.csv").exists()
+        group.cancel_scope.cancel()
+    assert leftovers(out) == []
