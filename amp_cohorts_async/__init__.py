@@ -19,6 +19,7 @@ from ._exceptions import (
     ServerError,
     TransportError,
 )
+from ._file_limits import FileLimits
 from ._limits import (
     InMemoryLimits,
     LimitsBackend,
@@ -60,6 +61,7 @@ __all__ = (
     "DownloadError",
     "DownloadPolicy",
     "DownloadResult",
+    "FileLimits",
     "IdType",
     "InMemoryLimits",
     "InvalidRequestError",

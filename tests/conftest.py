@@ -23,6 +23,14 @@ def _threads_visible_to_looptime() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True)
+def _cache_of_its_own(tmp_path_factory: pytest.TempPathFactory,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line keeps its limits in the user's cache: one per test, never the real one
+    (a test's requests would otherwise hold the next test's windows)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeAmplitude]:
     with FakeAmplitude(job_duration=10.0, seed=1) as fake:

@@ -3,10 +3,10 @@
     python tests/limits_worker.py download BASE_URL LIMITS OUT_DIR COHORT_ID...
     python tests/limits_worker.py hog LIMITS
 
-LIMITS is a Redis URL (shared) or "memory" (this process only). The limits are the tests'
-scaled ones: RateWindow(20, 2.0), 3 concurrent. A worker prints "ready", waits for a line on
-stdin (so all start together), runs, and prints one JSON line with what it did. "hog" takes a
-concurrency slot, prints its lease token and holds it (renewing) until it is killed.
+LIMITS is a Redis URL or "file:PATH" (shared) or "memory" (this process only). The limits
+are the tests' scaled ones: RateWindow(20, 2.0), 3 concurrent. A worker prints "ready", waits
+for a line on stdin (so all start together), runs, and prints one JSON line with what it did.
+"hog" takes a concurrency slot, prints its lease token and holds it (renewing) until killed.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ RETRY_AFTER_CAP = float(os.environ.get("AMP_TEST_RETRY_AFTER_CAP", "120"))
 def backend(spec: str) -> amp.LimitsBackend:
     if spec == "memory":
         return amp.InMemoryLimits()
+    if spec.startswith("file:"):
+        return amp.FileLimits(spec.removeprefix("file:"), lease_ttl=LEASE_TTL)
     from amp_cohorts_async.redis import RedisLimits
 
     return RedisLimits.from_url(spec, namespace=NAMESPACE, lease_ttl=LEASE_TTL)

@@ -12,6 +12,7 @@ API_MD_NAMES = {
     "ResponseValidationError", "QuotaExceededError", "CohortJobError", "DownloadError",
     "iter_members", "iter_member_batches", "MemberBatch", "LimitsBackend",
     "diff_members", "MembershipDiff",
+    "FileLimits",
 }
 # Additions beyond API.md, documented in the README.
 EXTENSIONS = {"PartialWriteError", "DiskError", "DownloadPolicy", "InMemoryLimits",

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import anyio
@@ -36,10 +36,24 @@ SCALED = amp.Limits(max_concurrent_requests=3, cohort_requests=(amp.RateWindow(2
                     monthly_quota=None)
 
 
+SharedLimits = RedisLimits | amp.FileLimits
+
+
+@pytest.fixture(params=["redis", "file"])
+def open_backend(request: pytest.FixtureRequest, tmp_path: pathlib.Path
+                 ) -> Callable[[], SharedLimits]:
+    """Opens one more view of one shared store: on Redis, or in a file (the same protocol)."""
+    if request.param == "file":
+        path = tmp_path / "limits.sqlite3"
+        return lambda: amp.FileLimits(path, lease_ttl=0.5)
+    redis_url = request.getfixturevalue("redis_url")
+    namespace = f"t-{uuid.uuid4().hex}"
+    return lambda: RedisLimits.from_url(redis_url, namespace=namespace, lease_ttl=0.5)
+
+
 @pytest.fixture
-async def backend(redis_url: str) -> AsyncIterator[RedisLimits]:
-    async with RedisLimits.from_url(redis_url, namespace=f"t-{uuid.uuid4().hex}",
-                                    lease_ttl=0.5) as limits:
+async def backend(open_backend: Callable[[], SharedLimits]) -> AsyncIterator[SharedLimits]:
+    async with open_backend() as limits:
         yield limits
 
 
@@ -54,7 +68,7 @@ def cohort(quota: int | None = None) -> amp.PermitRequest:
 # -- the operations ----------------------------------------------------------------------------
 
 
-async def test_slots_are_granted_up_to_the_limit_and_come_back(backend: RedisLimits) -> None:
+async def test_slots_are_granted_up_to_the_limit_and_come_back(backend: SharedLimits) -> None:
     backend.bind(amp.Limits(max_concurrent_requests=2), "app")
     first, second = await backend.acquire(slot()), await backend.acquire(slot())
     assert isinstance(first, amp.Permit)
@@ -64,7 +78,7 @@ async def test_slots_are_granted_up_to_the_limit_and_come_back(backend: RedisLim
     assert isinstance(await backend.acquire(slot()), amp.Permit)
 
 
-async def test_the_window_is_exact_and_says_how_long_to_wait(backend: RedisLimits) -> None:
+async def test_the_window_is_exact_and_says_how_long_to_wait(backend: SharedLimits) -> None:
     backend.bind(amp.Limits(cohort_requests=(amp.RateWindow(2, 0.6),), monthly_quota=None),
                  "app")
     a, b = await backend.acquire(cohort()), await backend.acquire(cohort())
@@ -82,7 +96,7 @@ async def test_the_window_is_exact_and_says_how_long_to_wait(backend: RedisLimit
 
 
 async def test_a_request_that_never_left_leaves_no_stamp_and_no_quota(
-    backend: RedisLimits
+    backend: SharedLimits
 ) -> None:
     backend.bind(amp.Limits(cohort_requests=(amp.RateWindow(1, 60.0),)), "app")
     permit = await backend.acquire(cohort(quota=1))
@@ -96,10 +110,11 @@ async def test_a_request_that_never_left_leaves_no_stamp_and_no_quota(
         await backend.acquire(cohort(quota=1))
 
 
-async def test_known_usage_and_the_pause_are_shared(backend: RedisLimits, redis_url: str
-                                                    ) -> None:
+async def test_known_usage_and_the_pause_are_shared(
+    backend: SharedLimits, open_backend: Callable[[], SharedLimits]
+) -> None:
     backend.bind(amp.Limits(), "app")
-    async with RedisLimits.from_url(redis_url, namespace=backend.namespace) as other:
+    async with open_backend() as other:
         other.bind(amp.Limits(), "app")
         await backend.set_known_usage("2026-11", 42)
         await backend.set_known_usage("2026-11", 7)  # never lowers the count
@@ -111,7 +126,7 @@ async def test_known_usage_and_the_pause_are_shared(backend: RedisLimits, redis_
         assert 0 < wait.seconds <= 0.4
 
 
-async def test_a_lease_not_renewed_expires_and_is_reported(backend: RedisLimits) -> None:
+async def test_a_lease_not_renewed_expires_and_is_reported(backend: SharedLimits) -> None:
     backend.bind(amp.Limits(max_concurrent_requests=1), "app")
     held = await backend.acquire(slot())
     assert isinstance(held, amp.Permit)
@@ -229,19 +244,24 @@ ops = st.lists(
 )
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis", "file"])
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
-@given(plan=ops, shared=st.booleans())
-def test_backends_never_over_grant_a_window(redis_url: str, plan: list[tuple[float, str]],
-                                            shared: bool) -> None:
+@given(plan=ops)
+def test_backends_never_over_grant_a_window(redis_url: str, tmp_path: pathlib.Path,
+                                            plan: list[tuple[float, str]], kind: str) -> None:
     limits = amp.Limits(max_concurrent_requests=2, cohort_requests=(amp.RateWindow(3, 0.4),),
                         monthly_quota=None)
 
     async def main() -> None:
-        backend: amp.LimitsBackend = (
-            RedisLimits.from_url(redis_url, namespace=uuid.uuid4().hex, lease_ttl=0.5)
-            if shared else amp.InMemoryLimits()
-        )
+        backend: amp.LimitsBackend = {
+            "memory": amp.InMemoryLimits,
+            "redis": lambda: RedisLimits.from_url(redis_url, namespace=uuid.uuid4().hex,
+                                                  lease_ttl=0.5),
+            "file": lambda: amp.FileLimits(tmp_path / f"{uuid.uuid4().hex}.sqlite3",
+                                           lease_ttl=0.5),
+        }[kind]()
+        shared = kind != "memory"
         with FakeAmplitude(limits=limits) as fake:
             fake.add_cohort("c", size=3)
             async with fake.serve() as base_url, amp.CohortsClient(
@@ -266,8 +286,7 @@ def test_backends_never_over_grant_a_window(redis_url: str, plan: list[tuple[flo
                 for at, fate in plan:
                     group.start_soon(one, at, fate)
             assert fake.violations == []
-        if isinstance(backend, RedisLimits):
-            await backend.aclose()
+        await backend.aclose()
 
     anyio.run(main)
 

@@ -30,6 +30,7 @@ from .._exceptions import (
     QuotaExceededError,
     RateLimitError,
 )
+from .._file_limits import FileLimits
 from .._limits import LimitsBackend
 from .._models import IdType, MembershipIdType
 from ._commands import COMMANDS
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--limits-url", metavar="URL",
                         help="share the account's limits with other processes and hosts "
                              "through this Redis (redis://host:6379/0); default: "
-                             "AMPLITUDE_LIMITS_URL, else this process only")
+                             "AMPLITUDE_LIMITS_URL, else a file in the user's cache shared "
+                             "by the runs on this host")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -131,11 +133,12 @@ def _exit_code(error: AmplitudeError) -> int:
     return 1
 
 
-def limits_backend(url: str | None) -> LimitsBackend | None:
-    """The shared limits named by ``--limits-url`` / AMPLITUDE_LIMITS_URL, if any."""
+def limits_backend(url: str | None) -> LimitsBackend:
+    """The shared limits named by ``--limits-url`` / AMPLITUDE_LIMITS_URL, else the file of
+    this app in the user's cache: successive and concurrent runs on this host share it."""
     url = url or os.environ.get("AMPLITUDE_LIMITS_URL") or None
     if url is None:
-        return None
+        return FileLimits()
     if RedisLimits is None:
         raise InvalidRequestError("--limits-url needs redis-py: "
                                   "pip install 'amp-cohorts-async[redis]'")
@@ -163,8 +166,7 @@ async def run(args: argparse.Namespace, out: IO[str]) -> int:
                                  download=DownloadPolicy(count_members=True)) as client:
             return await COMMANDS[args.command](client, args, out)
     finally:
-        if backend is not None:
-            await backend.aclose()
+        await backend.aclose()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
