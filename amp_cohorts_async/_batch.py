@@ -139,23 +139,25 @@ async def export_one(
     *,
     reusable: CohortRequest | None = None,
     last_computed: str | None = None,
+    on_new_request: Callable[[], None] | None = None,
 ) -> DownloadResult:
     """Export ``cohort_id`` to ``<directory>/<safe id>.csv``, or finish the ``reusable``
     request; the request is journaled the moment it is accepted, the file once it is in place.
 
     ``last_computed``: what the list showed before the request (a sync's; None otherwise).
+    ``on_new_request`` is called for each cohort request accepted (quota spent).
     """
     key = journal_key(cohort_id, export)
     target = store.directory / safe_filename(cohort_id)
 
     async def record_request(request: CohortRequest) -> None:
+        if on_new_request is not None:
+            on_new_request()
         await store.update(
             key, cohort_id=cohort_id, request_id=request.request_id,
             requested_at=utc_now_iso(scheduler.wall_clock()),
             request_last_computed=last_computed,
-            file=None, sha256=None, size_bytes=None, members=None, mtime_ns=None,
-            last_computed=None,
-        )
+        )  # the file fields still describe the copy in place until the new one replaces it
 
     async def attempt(request: CohortRequest | None) -> DownloadResult:
         return await downloader.download_cohort(
@@ -173,7 +175,7 @@ async def export_one(
                        error)
         result = await attempt(None)
     written = await anyio.Path(result.path).stat()
-    await store.update(key, cohort_id=cohort_id, request_id=result.request_id,
+    await store.update(key, cohort_id=cohort_id, copy_request_id=result.request_id,
                        file=result.path.name, size_bytes=result.size_bytes,
                        sha256=result.sha256, members=result.members,
                        mtime_ns=written.st_mtime_ns, last_computed=last_computed)

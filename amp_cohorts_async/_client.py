@@ -10,12 +10,15 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import pathlib
 import random
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
+
+import anyio
 
 from ._api import Api
 from ._batch import download_cohorts
@@ -34,13 +37,15 @@ from ._models import (
     MembershipChange,
     MembershipResult,
     RequestStatus,
+    SyncReport,
     UploadResult,
     Usage,
 )
 from ._scheduler import Scheduler
 from ._send import Sender
+from ._sync import sync_cohorts
 from ._upload import Uploader
-from ._validate import export_options, require_bool, require_id
+from ._validate import export_options, require_bool, require_id, text_path
 
 if TYPE_CHECKING:  # annotations of the public signature only; httpx is used by _http.py
     import httpx
@@ -358,3 +363,57 @@ class CohortsClient:
             self._api, self._downloader, self._scheduler, ids, sizes, directory, export,
             callback, resume=resume,
         )
+
+    async def sync_cohorts(
+        self,
+        cohorts: Iterable[str | Cohort],
+        dest_dir: str | PathLike[str],
+        *,
+        props: bool = False,
+        prop_keys: Sequence[str] = (),
+        max_requests: int | None = None,
+        dry_run: bool = False,
+        keep_versions: int = 2,
+        on_progress: ProgressCallback | None = None,
+    ) -> SyncReport:
+        """Keep a copy of each cohort in ``dest_dir``, spending quota only on change.
+
+        One ``list_cohorts()`` and one ``get_usage()`` call (both free) decide, per cohort:
+        ``unchanged`` (the copy was exported at the ``last_computed`` the list shows now),
+        ``too_large``, ``missing``, or a cohort request -- within the budget, the smaller of
+        ``max_requests`` and the month's quota left (never-copied cohorts first, then the
+        oldest copies; the rest ``over_budget``). ``dry_run=True`` requests nothing and says
+        what a run would (``planned``). Exports run as ``download_cohorts`` runs them; the
+        current copy stays ``<dest_dir>/<safe id>.csv`` and ``keep_versions`` (>= 1, the
+        current one included) versions are kept under ``<dest_dir>/versions/`` as hard links.
+        Runs sharing ``dest_dir`` (tasks, processes, hosts) spend one request per change in
+        all: a run that finds another exporting a cohort waits for its copy.
+        """
+        ids, _sizes = _cohort_items(cohorts)
+        export = export_options(props, prop_keys)
+        callback = _progress_callback(on_progress)
+        if max_requests is not None and (isinstance(max_requests, bool)
+                                         or not isinstance(max_requests, int)
+                                         or max_requests < 0):
+            raise InvalidRequestError(
+                f"max_requests must be None or an int >= 0, got {max_requests!r}")
+        require_bool(dry_run, "dry_run")
+        if (isinstance(keep_versions, bool) or not isinstance(keep_versions, int)
+                or keep_versions < 1):
+            raise InvalidRequestError(f"keep_versions must be an int >= 1, got {keep_versions!r}")
+        directory = await _dest_dir(dest_dir, create=not dry_run)
+        self._check_open()
+        return await sync_cohorts(
+            self._api, self._downloader, self._scheduler, ids, directory, export, callback,
+            max_requests=max_requests, dry_run=dry_run, keep_versions=keep_versions,
+        )
+
+
+async def _dest_dir(value: Any, *, create: bool) -> pathlib.Path:
+    """``dest_dir`` as a path, created (with its parents) when ``create``."""
+    if create:
+        return await make_directory(value, "dest_dir")
+    directory = pathlib.Path(text_path(value, "dest_dir"))
+    if await anyio.Path(directory).exists() and not await anyio.Path(directory).is_dir():
+        raise InvalidRequestError(f"dest_dir is not a directory: {directory}")
+    return directory

@@ -41,7 +41,8 @@ VERSIONS_DIR = "versions"
 _MAX_JOURNAL_BYTES = 64 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _STAMP = re.compile(r"[0-9]{8}T[0-9]{6}Z|unknown")
-_ENTRY_FIELDS = {"cohort_id", "request_id", "requested_at", "request_last_computed", "file",
+_ENTRY_FIELDS = {"cohort_id", "request_id", "requested_at", "request_last_computed",
+                 "copy_request_id", "file",
                  "size_bytes", "sha256", "members", "mtime_ns", "last_computed", "versions"}
 
 
@@ -85,7 +86,8 @@ def _parse_entry(key: Any, value: Any) -> JournalEntry:
         raise InvalidJournal(f"versions must list version files of {cohort_id!r}")
     return JournalEntry(
         cohort_id=cohort_id, request_id=request_id, requested_at=requested_at,
-        request_last_computed=_optional_time(value, "request_last_computed"), file=file,
+        request_last_computed=_optional_time(value, "request_last_computed"),
+        copy_request_id=_optional(value, "copy_request_id", str), file=file,
         size_bytes=size_bytes, sha256=sha256, members=members,
         mtime_ns=_optional(value, "mtime_ns", int),
         last_computed=_optional_time(value, "last_computed"), versions=versions,
@@ -174,6 +176,9 @@ class JournalEntry:
     #: in place: a sync reuses the one and keeps the other while the list shows the same.
     request_last_computed: str | None = None
     last_computed: str | None = None
+    #: The request whose export the file in place is (None in journals older than this field:
+    #: ``request_id``). A newer request leaves the file fields alone until its file is in place.
+    copy_request_id: str | None = None
     #: Versions kept of earlier copies, newest first (names from ``version_name``).
     versions: list[str] = attrs.field(factory=list)
 
@@ -185,3 +190,8 @@ class JournalEntry:
         except ValueError:
             return False
         return timedelta(0) <= now - when < JOURNAL_REQUEST_TTL
+
+    @property
+    def file_request_id(self) -> str | None:
+        """The request whose export the recorded file is."""
+        return self.copy_request_id or self.request_id

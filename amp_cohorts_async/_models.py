@@ -26,7 +26,10 @@ __all__ = (
     "Phase",
     "ProgressEvent",
     "RequestStatus",
+    "SyncAction",
+    "SyncEntry",
     "SyncMetadata",
+    "SyncReport",
     "UploadResult",
     "Usage",
 )
@@ -269,3 +272,42 @@ class ProgressEvent:
     bytes_total: int | None = None
     wait_seconds: float | None = None
     wait_reason: str | None = None
+
+
+SyncAction = Literal["unchanged", "too_large", "missing", "downloaded", "over_budget",
+                     "planned", "failed"]
+
+
+@attrs.frozen(kw_only=True)
+class SyncEntry:
+    """What ``sync_cohorts`` did with one cohort.
+
+    ``action``: ``unchanged`` (the copy in place was exported at the ``last_computed`` the
+    list shows now), ``too_large``, ``missing`` (not in the list), ``downloaded``,
+    ``over_budget`` (it needed a cohort request the budget had no room for), ``planned`` (a
+    dry run would request it) or ``failed`` (``error`` says why). ``last_computed`` is the
+    list's; ``path`` the current verified copy after the run, whatever the action (None when
+    there is none); ``previous_path`` the version this run's download replaced.
+    """
+
+    cohort_id: str
+    action: SyncAction
+    last_computed: datetime | None = None
+    path: pathlib.Path | None = None
+    previous_path: pathlib.Path | None = None
+    result: DownloadResult | None = None
+    error: AmplitudeError | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SyncReport:
+    """A sync run: one entry per input cohort (input order), the cohort requests it spent,
+    and the month's quota left after it (None with ``Limits(monthly_quota=None)``)."""
+
+    entries: list[SyncEntry]
+    requests_spent: int
+    quota_remaining: int | None
+
+    def count(self, action: SyncAction) -> int:
+        """How many entries have ``action``."""
+        return sum(1 for entry in self.entries if entry.action == action)

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import secrets
 import stat
 import threading
@@ -62,6 +63,7 @@ COHORT_LOCKS = ".amp-cohorts-locks"
 _LOCK_POLL_FIRST = 0.2
 _LOCK_POLL_MAX = 5.0
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+_JOURNAL_TEMP = re.compile(r"[0-9a-f]{16}\.tmp")  # what _write names its temp files
 
 
 class JournalWriteError(AmplitudeError):
@@ -157,6 +159,7 @@ class DirectoryStore:
         self.lock_path = directory / LOCK_NAME
         #: The entries as last read or written by this store.
         self.entries: dict[str, JournalEntry] = {}
+        self._swept = False  # leftover journal temps removed (once per store)
 
     # -- before spending anything -------------------------------------------------------------
     async def check_writable(self) -> None:
@@ -244,6 +247,8 @@ class DirectoryStore:
         try:
             with _PROCESS.journal_lock(self.path), self._journal_flock():
                 entries = self._read(set_aside=True)
+                if not self._swept:
+                    self._remove_temps_of_killed_writers()
                 entry = entries.get(key) or JournalEntry(cohort_id=changes["cohort_id"])
                 entries[key] = entry = attrs.evolve(entry, **changes)
                 self._write(entries)
@@ -251,6 +256,17 @@ class DirectoryStore:
             raise JournalWriteError(f"cannot write the journal {self.path}: "
                                     f"{_describe(exc)}") from None
         return entry, entries
+
+    def _remove_temps_of_killed_writers(self) -> None:
+        """Journal temp files left by a writer killed mid-write. Called under the journal's
+        lock: every live writer writes its temp under that lock, so any temp seen now is a
+        dead writer's."""
+        prefix = f"{JOURNAL_NAME}."
+        for name in os.listdir(self.directory):
+            if name.startswith(prefix) and _JOURNAL_TEMP.fullmatch(name[len(prefix):]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / name)
+        self._swept = True
 
     def _journal_flock(self) -> _Flock:
         return _Flock(self.lock_path)
@@ -285,7 +301,7 @@ class DirectoryStore:
         recorded sha256, as every file is with ``thorough=True``.
         """
         if (entry is None or entry.file != safe_filename(cohort_id) or not entry.sha256
-                or entry.request_id is None):
+                or entry.file_request_id is None):
             return None
         path = self.directory / entry.file
         try:
@@ -298,7 +314,7 @@ class DirectoryStore:
         if (thorough or not same_stat) and (
                 await anyio.to_thread.run_sync(_sha256_of, path) != entry.sha256):
             return None
-        return DownloadResult(cohort_id=cohort_id, request_id=entry.request_id, path=path,
+        return DownloadResult(cohort_id=cohort_id, request_id=entry.file_request_id, path=path,
                               size_bytes=info.st_size, sha256=entry.sha256,
                               members=entry.members)
 
@@ -321,7 +337,7 @@ class DirectoryStore:
                 continue
             assert entry.request_id is not None  # request_is_fresh says so
             copy = await self.verified_copy(cohort_id, entry, thorough=True)
-            if copy is not None:
+            if copy is not None and copy.request_id == entry.request_id:  # that request's file
                 finished[cohort_id] = copy
                 continue
             reusable[cohort_id] = CohortRequest(request_id=entry.request_id, cohort_id=cohort_id)
@@ -376,18 +392,23 @@ class DirectoryStore:
             raise JournalWriteError(f"cannot keep a version of {copy.path}: "
                                     f"{_describe(exc)}") from None
 
-    async def drop_version(self, version: pathlib.Path, current: pathlib.Path) -> None:
-        """Undo ``keep_version`` when the download did not replace the current copy."""
+    async def drop_version(self, version: pathlib.Path, current: pathlib.Path) -> bool:
+        """Undo ``keep_version`` when the download did not replace the current copy (the
+        version is still the current file); returns whether it was removed."""
 
-        def drop() -> None:
+        def drop() -> bool:
             try:
                 if os.path.samefile(version, current):
                     version.unlink()
+                    return True
             except OSError:
                 pass
+            return False
 
+        dropped = False
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(drop)
+            dropped = await anyio.to_thread.run_sync(drop)
+        return dropped
 
     async def prune_versions(self, cohort_id: str, versions: Sequence[str], keep: int
                              ) -> list[str]:

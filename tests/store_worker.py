@@ -11,13 +11,16 @@ start together), runs, and prints one JSON line with what it did.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import anyio
 
 import amp_cohorts_async as amp
 
-LIMITS = amp.Limits(max_concurrent_requests=5, cohort_requests=(amp.RateWindow(1000, 1.0),),
+# AMP_TEST_RATE=N: at most N cohort requests a second (to stretch a run for a kill test).
+RATE = int(os.environ.get("AMP_TEST_RATE", "1000"))
+LIMITS = amp.Limits(max_concurrent_requests=5, cohort_requests=(amp.RateWindow(RATE, 1.0),),
                     monthly_quota=None)
 
 

@@ -13,6 +13,7 @@ API_MD_NAMES = {
     "iter_members", "iter_member_batches", "MemberBatch", "LimitsBackend",
     "diff_members", "MembershipDiff",
     "FileLimits",
+    "SyncReport", "SyncEntry",
 }
 # Additions beyond API.md, documented in the README.
 EXTENSIONS = {"PartialWriteError", "DiskError", "DownloadPolicy", "InMemoryLimits",

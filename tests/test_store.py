@@ -169,3 +169,18 @@ async def test_a_full_disk_while_writing_the_journal_is_named_and_leaves_no_temp
         # The journal is the last complete one; no temp file is left beside it.
         assert left == sorted([JOURNAL_NAME, ".amp-cohorts-journal.lock", "filler"])
         assert "c1" in journal_entries(full)
+
+
+@pytest.mark.looptime
+async def test_journal_temps_of_a_killed_writer_are_removed_and_no_one_elses(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    ours = tmp_path / f"{JOURNAL_NAME}.0123456789abcdef.tmp"  # a writer killed mid-write
+    look_alikes = [tmp_path / f"{JOURNAL_NAME}.my-notes.tmp", tmp_path / "0123456789abcdef.tmp",
+                   tmp_path / f"{JOURNAL_NAME}.0123456789abcdef.tmp.keep"]
+    for path in [ours, *look_alikes]:
+        path.write_text("{")
+    (outcome,) = await client.download_cohorts(["small"], tmp_path)
+    assert outcome.ok
+    assert not ours.exists()
+    assert all(path.exists() for path in look_alikes)
