@@ -349,6 +349,42 @@ async def test_concurrent_writes_to_one_cohort_are_refused(
     assert sorted(statuses) == [200, 429]
 
 
+@pytest.mark.looptime
+async def test_a_write_holds_its_cohort_for_write_duration() -> None:
+    with FakeAmplitude(write_duration=2.0) as slow:
+        slow.add_cohort("c", size=3)
+        async with httpx.AsyncClient(transport=slow.transport(), base_url="https://amplitude.com",
+                                     headers=AUTH) as writer:
+            statuses: list[int] = []
+
+            async def add(value: str, after: float) -> None:
+                await anyio.sleep(after)
+                response = await writer.post("/api/3/cohorts/membership", json={
+                    "cohort_id": "c",
+                    "memberships": [{"ids": [value], "id_type": "BY_ID", "operation": "ADD"}]})
+                statuses.append(response.status_code)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(add, "1", 0.0)
+                group.start_soon(add, "2", 1.5)  # inside the first write
+                group.start_soon(add, "3", 2.5)  # after it
+        assert statuses == [429, 200, 200]
+        assert [v.kind for v in slow.violations] == ["concurrent_write"]
+
+
+@pytest.mark.parametrize("endpoint", ["upload", "membership"])
+async def test_a_write_with_no_ids_is_refused(fake: FakeAmplitude, http: httpx.AsyncClient,
+                                              endpoint: str) -> None:
+    body = ({"name": "n", "app_id": 1, "id_type": "BY_USER_ID", "ids": [], "owner": "o",
+             "published": True} if endpoint == "upload" else
+            {"cohort_id": "small",
+             "memberships": [{"ids": [], "id_type": "BY_ID", "operation": "ADD"}]})
+    response = await http.post(f"/api/3/cohorts/{endpoint}", json=body)
+    assert response.status_code == 400
+    assert "non-empty" in response.json()["error"]["message"]
+    assert fake.cohorts.keys() == {"small", "large"}
+
+
 async def test_served_over_sockets(fake: FakeAmplitude) -> None:
     async with fake.serve() as base_url:
         async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as http:

@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default="test-api-key", help="the API key it accepts")
     parser.add_argument("--secret-key", default="test-secret-key",
                         help="the secret key it accepts")
+    parser.add_argument("--write-seconds", type=float, default=0.0,
+                        help="how long a write holds its cohort (a second write meanwhile "
+                        "gets 429)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated members")
     args = parser.parse_args(argv)
     if not args.time_scale > 0:
@@ -75,7 +78,8 @@ async def run(args: argparse.Namespace) -> None:
         for w in defaults.cohort_requests))
     with FakeAmplitude(api_key=args.api_key, secret_key=args.secret_key, limits=limits,
                        job_duration=args.job_seconds, inline_threshold=args.inline_threshold,
-                       gzip=args.gzip, seed=args.seed) as fake:
+                       gzip=args.gzip, seed=args.seed,
+                       write_duration=args.write_seconds) as fake:
         for cohort_id, size, props in args.cohort or [("demo", 1000, ("city",))]:
             fake.add_cohort(cohort_id, size=size, properties=props)
         async with fake.serve(args.host, args.port, args.s3_port) as base_url:

@@ -149,7 +149,10 @@ class FakeAmplitude:
     ``seed``, or a callable ``(cohort) -> seconds``; ``latency`` likewise, split evenly
     between the way in (when a request is counted) and the way out; ``inline_threshold`` is
     the file size in bytes above which ``/file`` redirects to S3; ``gzip`` stores exports
-    gzip-encoded (served with ``Content-Encoding: gzip``).
+    gzip-encoded (served with ``Content-Encoding: gzip``). A write (upload, membership) holds
+    its cohort for ``write_duration`` seconds (default: one turn of the loop); a second write
+    to that cohort meanwhile gets Amplitude's 429 and is recorded as a ``concurrent_write``
+    violation.
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class FakeAmplitude:
         seed: int = 0,
         usage: int = 0,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        write_duration: float = 0.0,
     ) -> None:
         self.api_key = api_key
         self.secret_key = secret_key
@@ -176,6 +180,7 @@ class FakeAmplitude:
         self.gzip = gzip
         self.s3_link_ttl = s3_link_ttl
         self.wall_clock = wall_clock
+        self.write_duration = write_duration
         self.rng = random.Random(seed)
         self.cohorts: dict[str, FakeCohort] = {}
         self.jobs: dict[str, _Job] = {}
@@ -588,7 +593,12 @@ class FakeAmplitude:
             return
         self._writing.add(cohort_id)
         try:
-            await anyio.lowlevel.checkpoint()  # a write takes a moment, long enough to overlap
+            # A write takes a moment, long enough for another to overlap it: one turn of the
+            # loop, or write_duration seconds (so writers in other processes can overlap too).
+            if self.write_duration:
+                await anyio.sleep(self.write_duration)
+            else:
+                await anyio.lowlevel.checkpoint()
             yield True
         finally:
             self._writing.discard(cohort_id)
