@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 
 from ._api import Api
+from ._apply import apply_diff, check_diff
 from ._batch import download_cohorts
 from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, resolve_base_url
+from ._diff import MembershipDiff
 from ._download import Downloader
 from ._events import Progress, ProgressCallback
 from ._exceptions import InvalidRequestError
@@ -35,6 +37,7 @@ from ._models import (
     CohortRequest,
     DownloadResult,
     MembershipChange,
+    MembershipIdType,
     MembershipResult,
     RequestStatus,
     SyncReport,
@@ -45,7 +48,7 @@ from ._scheduler import Scheduler
 from ._send import Sender
 from ._sync import sync_cohorts
 from ._upload import Uploader
-from ._validate import export_options, require_bool, require_id, text_path
+from ._validate import export_options, require_bool, require_id, require_text, text_path
 
 if TYPE_CHECKING:  # annotations of the public signature only; httpx is used by _http.py
     import httpx
@@ -191,7 +194,7 @@ class CohortsClient:
         self._api = Api(boundary, Sender(boundary, self._scheduler, self.retry, rng),
                         self._scheduler)
         self._downloader = Downloader(self._api, self._scheduler, self.poll, self.download, rng)
-        self._uploader = Uploader(self._api, self.limits)
+        self._uploader = Uploader(self._api, self.limits, self._scheduler.cohort_write)
         self._base_url = base
         self._state = _State.UNOPENED
 
@@ -314,6 +317,31 @@ class CohortsClient:
             cohort_id, memberships, count_group=count_group, skip_invalid_ids=skip_invalid_ids,
             check_open=self._check_open,
         )
+
+    async def apply_diff(
+        self,
+        cohort_id: str,
+        diff: MembershipDiff,
+        *,
+        id_type: MembershipIdType | str | None = None,
+        count_group: str | None = None,
+    ) -> MembershipResult:
+        """Apply ``diff`` to a cohort: its exiting members as REMOVE, then its entering ones
+        as ADD, at most ``max_ids_per_request`` ids a request, in order.
+
+        ``id_type`` defaults from the diff's key (``amplitude_id`` -> ``BY_ID``, ``user_id``
+        -> ``BY_NAME``; ``group_id`` / ``group_name`` likewise, with ``count_group`` naming
+        the group type). No other write to the cohort overlaps the apply: in this process,
+        and in every process and host sharing the client's limits backend. A failure part way
+        raises ``PartialWriteError`` saying what was applied; the progress is kept beside the
+        diff's files, so calling ``apply_diff`` again with the same diff applies only the rest.
+        """
+        cohort_id = require_id(cohort_id, "cohort_id")
+        kind = check_diff(diff, id_type)
+        if count_group is not None:
+            count_group = require_text(count_group, "count_group")
+        self._check_open()
+        return await apply_diff(self._api, self._uploader, cohort_id, diff, kind, count_group)
 
     # -- workflows ------------------------------------------------------------------------
     async def download_cohort(

@@ -199,6 +199,21 @@ class LimitsBackend(Protocol):
         clock)."""
         ...
 
+    async def acquire_write(self, cohort_id: str) -> str | None:
+        """The write lease of ``cohort_id``: one holder at a time among everyone sharing the
+        backend (Amplitude answers 429 to concurrent writes to one cohort). Returns a token,
+        or ``None`` while another holds it; ``wait_for_release`` hears its release here. With
+        ``lease_ttl`` the lease lapses unless renewed."""
+        ...
+
+    async def renew_write(self, cohort_id: str, token: str) -> bool:
+        """Extend the write lease by ``lease_ttl``; ``False`` if it had lapsed meanwhile."""
+        ...
+
+    async def release_write(self, cohort_id: str, token: str) -> None:
+        """Give the write lease back (nothing happens if it lapsed and another holds it)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -274,6 +289,7 @@ class InMemoryLimits:
         self._usage: dict[str, int] = {}
         self._tokens = itertools.count(1)
         self._released = ReleaseSignal()
+        self._writers: dict[str, str] = {}  # cohort id -> token of its write lease
 
     def __repr__(self) -> str:
         return f"InMemoryLimits(slots_in_use={self.slots_in_use})"
@@ -349,6 +365,21 @@ class InMemoryLimits:
 
     async def quota_used(self, month: str | None = None) -> int:
         return self._usage.get(utc_month(self.wall_clock()) if month is None else month, 0)
+
+    async def acquire_write(self, cohort_id: str) -> str | None:
+        if cohort_id in self._writers:
+            return None
+        token = f"w{next(self._tokens)}"
+        self._writers[cohort_id] = token
+        return token
+
+    async def renew_write(self, cohort_id: str, token: str) -> bool:
+        return self._writers.get(cohort_id) == token
+
+    async def release_write(self, cohort_id: str, token: str) -> None:
+        if self._writers.get(cohort_id) == token:
+            del self._writers[cohort_id]
+            self._released.fire()
 
     async def aclose(self) -> None:
         return None

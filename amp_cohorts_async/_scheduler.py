@@ -318,8 +318,9 @@ class Scheduler:
                            "used the same slot meanwhile (is this process stalling?)", lost)
 
     @asynccontextmanager
-    async def _renewing(self, permits: list[Permit]) -> AsyncIterator[None]:
-        """Keep the leases of ``permits`` alive while the body runs (backends with a TTL)."""
+    async def _renewing(self, renew_once: Callable[[], Awaitable[int]]) -> AsyncIterator[None]:
+        """Keep leases alive while the body runs (backends with a TTL): ``renew_once()``
+        renews them and says how many it found expired while held."""
         ttl = self.backend.lease_ttl
         if ttl is None:
             yield
@@ -328,10 +329,27 @@ class Scheduler:
         async def renew() -> None:
             while True:
                 await anyio.sleep(ttl / 3)
-                self._report_lost(await self._call(self.backend.renew(permits)))
+                self._report_lost(await self._call(renew_once()))
 
         async with alongside(renew):
             yield
+
+    @asynccontextmanager
+    async def cohort_write(self, cohort_id: str) -> AsyncIterator[None]:
+        """Hold the backend's write lease of ``cohort_id`` while the body runs: no other
+        holder sharing the backend (another process or host, with a shared one) writes to
+        that cohort meanwhile. The lease is renewed while held (backends with a TTL)."""
+        while (token := await self._call(self.backend.acquire_write(cohort_id))) is None:
+            wait = WAIT_STEP if self.backend.recheck is None else self.backend.recheck
+            await self.backend.wait_for_release(wait)
+        async def renew_once() -> int:
+            return 0 if await self.backend.renew_write(cohort_id, token) else 1
+
+        try:
+            async with self._renewing(renew_once):
+                yield
+        finally:
+            await self._call(self.backend.release_write(cohort_id, token))
 
     @asynccontextmanager
     async def exchange(
@@ -360,7 +378,7 @@ class Scheduler:
                                                   on_wait)
                     permits.append(slot)
                 ticket.outcome = Outcome.UNKNOWN  # granted: from here on the server may see it
-                async with self._renewing(permits):
+                async with self._renewing(lambda: self.backend.renew(permits)):
                     yield ticket
             finally:
                 if permits:

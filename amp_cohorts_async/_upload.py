@@ -8,7 +8,7 @@ applied raises PartialWriteError saying exactly what was and was not applied.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -29,7 +29,7 @@ from ._models import (
 )
 from ._validate import require_bool, require_text
 
-__all__ = ("Uploader", "collect_ids", "pack")
+__all__ = ("Uploader", "collect_ids", "membership_body", "pack")
 
 _ID_TYPE_FOR_MEMBERSHIP = {
     IdType.BY_AMP_ID: MembershipIdType.BY_ID,
@@ -124,7 +124,7 @@ async def _apply_in_order(
     chunks: Sequence[Chunk],
     send: Callable[[Chunk], Awaitable[None]],
     *,
-    lock: anyio.Lock | None,
+    lock: contextlib.AbstractAsyncContextManager[None] | None,
     changes: int,
     what: str,
     cohort_id: Callable[[], str | None],
@@ -154,7 +154,7 @@ async def _apply_in_order(
         ) from error
 
 
-def _membership_body(
+def membership_body(
     cohort_id: str,
     pieces: Sequence[tuple[Sequence[str], MembershipIdType, Operation]],
     count_group: str | None,
@@ -173,19 +173,31 @@ def _membership_body(
     return body
 
 
-class Uploader:
-    """Uploads and membership changes through the endpoint layer; one writer per cohort."""
+WriteLease = Callable[[str], contextlib.AbstractAsyncContextManager[None]]
 
-    def __init__(self, api: Api, limits: Limits) -> None:
+
+class Uploader:
+    """Uploads and membership changes through the endpoint layer; one writer per cohort.
+
+    ``write_lease(cohort_id)`` is the limits backend's lease on writes to a cohort, so that
+    processes and hosts sharing the backend never write to one cohort at once.
+    """
+
+    def __init__(self, api: Api, limits: Limits, write_lease: WriteLease) -> None:
         self.api = api
         self.limits = limits
+        self._write_lease = write_lease
         # One lock per cohort being written: Amplitude refuses concurrent writes to one cohort.
         self._locks: dict[str, anyio.Lock] = {}
 
-    def _cohort_lock(self, cohort_id: str) -> anyio.Lock:
+    @contextlib.asynccontextmanager
+    async def writing(self, cohort_id: str) -> AsyncIterator[None]:
+        """The right to write to ``cohort_id``: this process's lock, then the backend's lease
+        (so a process asks the backend for one lease per cohort at a time)."""
         if cohort_id not in self._locks:
             self._locks[cohort_id] = anyio.Lock()
-        return self._locks[cohort_id]
+        async with self._locks[cohort_id], self._write_lease(cohort_id):
+            yield
 
     # -- upload -----------------------------------------------------------------------------
     async def upload_cohort(
@@ -249,7 +261,7 @@ class Uploader:
                 totals += wire.metadata.totals
                 invalid.extend(wire.metadata.invalid_ids_sample)
                 return
-            body = _membership_body(
+            body = membership_body(
                 cohort_id, [(ids, _ID_TYPE_FOR_MEMBERSHIP[kind], Operation.ADD)],
                 cg, skip_invalid_ids,
             )
@@ -261,7 +273,7 @@ class Uploader:
 
         await _apply_in_order(
             chunks, send,
-            lock=self._cohort_lock(existing_cohort_id) if existing_cohort_id else None,
+            lock=self.writing(existing_cohort_id) if existing_cohort_id else None,
             changes=1, what="upload", cohort_id=lambda: cohort_id or existing_cohort_id,
         )
         assert cohort_id is not None
@@ -305,7 +317,7 @@ class Uploader:
         skipped: list[list[str]] = [[] for _ in changes]
 
         async def send(chunk: Chunk) -> None:
-            body = _membership_body(
+            body = membership_body(
                 cohort_id,
                 [(piece, changes[i][1], changes[i][2]) for i, piece in chunk.pieces],
                 count_group, skip_invalid_ids,
@@ -316,7 +328,7 @@ class Uploader:
                 skipped[index].extend(outcome.skipped_ids)
 
         await _apply_in_order(
-            chunks, send, lock=self._cohort_lock(cohort_id), changes=len(changes),
+            chunks, send, lock=self.writing(cohort_id), changes=len(changes),
             what="membership update", cohort_id=lambda: cohort_id,
         )
         return MembershipResult(

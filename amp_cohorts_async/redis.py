@@ -27,6 +27,7 @@ to process-local limits, which could break the account's limits without anyone n
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -202,6 +203,21 @@ return tonumber(redis.call('HGET', KEYS[1], month) or '0')
 """
 
 
+# A cohort's write lease: one key holding its holder's token, expiring on the server's clock.
+_ACQUIRE_WRITE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+_RENEW_WRITE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE_WRITE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def _safe_url(url: str) -> str:
     """``url`` without its user name and password, for messages."""
     try:
@@ -261,6 +277,9 @@ class RedisLimits:
         self._pause = redis_client.register_script(_PAUSE)
         self._known_usage = redis_client.register_script(_KNOWN_USAGE)
         self._quota_used = redis_client.register_script(_QUOTA_USED)
+        self._acquire_write = redis_client.register_script(_ACQUIRE_WRITE)
+        self._renew_write = redis_client.register_script(_RENEW_WRITE)
+        self._release_write = redis_client.register_script(_RELEASE_WRITE)
 
     @classmethod
     def from_url(
@@ -395,6 +414,26 @@ class RedisLimits:
     async def wait_for_release(self, at_most: float) -> None:
         # A release in this process wakes us at once; one elsewhere within ``recheck``.
         await self._released.wait(at_most)
+
+    def _write_key(self, cohort_id: str) -> str:
+        # Hashed: a cohort id is any text; the key stays short and printable.
+        return self._key(f"write:{hashlib.sha256(cohort_id.encode()).hexdigest()[:32]}")
+
+    async def acquire_write(self, cohort_id: str) -> str | None:
+        assert self.lease_ttl is not None
+        token = secrets.token_hex(8)
+        granted = await self._run(self._acquire_write, [self._write_key(cohort_id)],
+                                  [token, math.ceil(self.lease_ttl * 1000)])
+        return token if int(granted) else None
+
+    async def renew_write(self, cohort_id: str, token: str) -> bool:
+        assert self.lease_ttl is not None
+        return bool(int(await self._run(self._renew_write, [self._write_key(cohort_id)],
+                                        [token, math.ceil(self.lease_ttl * 1000)])))
+
+    async def release_write(self, cohort_id: str, token: str) -> None:
+        await self._run(self._release_write, [self._write_key(cohort_id)], [token])
+        self._released.fire()
 
     async def set_known_usage(self, month: str, usage: int) -> None:
         await self._run(self._known_usage, [self._key("quota")], [month, usage])

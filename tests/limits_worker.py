@@ -2,11 +2,13 @@
 
     python tests/limits_worker.py download BASE_URL LIMITS OUT_DIR COHORT_ID...
     python tests/limits_worker.py hog LIMITS
+    python tests/limits_worker.py apply BASE_URL LIMITS COHORT_ID OLD NEW OUT_DIR
 
 LIMITS is a Redis URL or "file:PATH" (shared) or "memory" (this process only). The limits
 are the tests' scaled ones: RateWindow(20, 2.0), 3 concurrent. A worker prints "ready", waits
 for a line on stdin (so all start together), runs, and prints one JSON line with what it did.
 "hog" takes a concurrency slot, prints its lease token and holds it (renewing) until killed.
+"apply" diffs OLD and NEW into OUT_DIR, then applies the diff to COHORT_ID, 2 ids a request.
 """
 
 from __future__ import annotations
@@ -53,6 +55,19 @@ async def download(base_url: str, spec: str, out: str, ids: list[str]) -> None:
                           "leases_lost": client.scheduler.leases_lost}), flush=True)
 
 
+async def apply(base_url: str, spec: str, cohort_id: str, old: str, new: str, out: str
+                ) -> None:
+    diff = await amp.diff_members(old, new, out)
+    async with amp.CohortsClient("test-api-key", "test-secret-key", base_url=base_url,
+                                 limits=amp.Limits(max_ids_per_request=2),
+                                 limits_backend=backend(spec),
+                                 retry=amp.RetryPolicy(max_attempts=20)) as client:
+        print("ready", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)
+        result = await client.apply_diff(cohort_id, diff)
+        print(json.dumps({"requests": result.requests_sent}), flush=True)
+
+
 async def hog(spec: str) -> None:
     limits = backend(spec)
     limits.bind(LIMITS, "hog")
@@ -69,6 +84,8 @@ def main() -> None:
     if mode == "download":
         base_url, spec, out, *ids = sys.argv[2:]
         anyio.run(download, base_url, spec, out or tempfile.mkdtemp(), ids)
+    elif mode == "apply":
+        anyio.run(apply, *sys.argv[2:8])
     elif mode == "hog":
         anyio.run(hog, sys.argv[2])
     else:

@@ -203,6 +203,8 @@ class FakeAmplitude:
         self.random_faults_injected: dict[str, int] = {}
         self._window_log: deque[float] = deque()
         self._writing: set[str] = set()
+        #: Every membership change applied, in order: (cohort id, operation, number of ids).
+        self.membership_changes: list[tuple[str, str, int]] = []
         self._signing_key = secrets.token_bytes(16)
         self._seq = 0
         self.s3_origin = S3_ORIGIN
@@ -698,6 +700,8 @@ class FakeAmplitude:
                                    else cohort.remove_by_amplitude_id(value))
                         if not removed:
                             skipped.append(value)
+                self.membership_changes.append(
+                    (cohort.id, change["operation"], len(change["ids"])))
                 results.append({"skipped_ids": skipped, "id_type": change["id_type"],
                                 "operation": change["operation"]})
         return _json(200, {"cohort_id": cohort.id, "memberships_result": results})
