@@ -390,6 +390,41 @@ class FileLimits:
         return await self._run(lambda db, now: _quota(db, month or _month_at(now)))
 
 
+    # -- a cohort's write lease ------------------------------------------------------------
+    async def acquire_write(self, cohort_id: str) -> str | None:
+        token = secrets.token_hex(8)
+
+        def take(db: sqlite3.Connection, now: float) -> bool:
+            db.execute(_WRITERS)
+            db.execute("DELETE FROM writers WHERE cohort = ? AND expires <= ?", (cohort_id, now))
+            return db.execute("INSERT OR IGNORE INTO writers VALUES (?, ?, ?)",
+                              (cohort_id, token, now + self._ttl())).rowcount == 1
+
+        return token if await self._run(take) else None
+
+    async def renew_write(self, cohort_id: str, token: str) -> bool:
+        def extend(db: sqlite3.Connection, now: float) -> bool:
+            db.execute(_WRITERS)
+            return db.execute(
+                "UPDATE writers SET expires = ? WHERE cohort = ? AND token = ? AND expires > ?",
+                (now + self._ttl(), cohort_id, token, now)).rowcount == 1
+
+        return await self._run(extend)
+
+    async def release_write(self, cohort_id: str, token: str) -> None:
+        def give_back(db: sqlite3.Connection, now: float) -> None:
+            db.execute(_WRITERS)
+            db.execute("DELETE FROM writers WHERE cohort = ? AND token = ?", (cohort_id, token))
+
+        await self._run(give_back)
+        self._released.fire()
+
+
+# Created on first use, so a file made before write leases existed needs no new format.
+_WRITERS = ("CREATE TABLE IF NOT EXISTS writers (cohort TEXT PRIMARY KEY, token TEXT NOT NULL, "
+            "expires REAL NOT NULL) WITHOUT ROWID")
+
+
 def _count(db: sqlite3.Connection, table: str) -> int:
     return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 

@@ -178,14 +178,17 @@ async def test_bad_input_before_any_request(
         assert fake.log == []
 
 
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("kind", ["redis", "file", "memory"])
 async def test_two_processes_never_overlap_with_a_shared_backend(
-    redis_url: str, tmp_path: pathlib.Path, shared: bool
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, kind: str
 ) -> None:
     """Each process adds 10 members, 2 a request; the emulator holds each write 50 ms. With
-    the limits on Redis no write overlaps another; with each process's own limits (the
-    contrast) they do, and the emulator answers 429 and records it."""
-    spec = redis_url if shared else "memory"
+    the limits on Redis or in one file no write overlaps another; with each process's own
+    limits (the contrast) they do, and the emulator answers 429 and records it."""
+    shared = kind != "memory"
+    spec = {"redis": lambda: request.getfixturevalue("redis_url"),
+            "file": lambda: f"file:{tmp_path / 'limits.sqlite3'}",
+            "memory": lambda: "memory"}[kind]()
     env = {**os.environ, "AMP_TEST_NAMESPACE": uuid.uuid4().hex}
     arguments = []
     for index in range(2):
@@ -216,15 +219,18 @@ async def test_two_processes_never_overlap_with_a_shared_backend(
         assert overlaps  # the contrast: without a shared backend the writes collide
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "file", "redis"])
 async def test_the_write_lease_has_one_holder_per_cohort(
-    request: pytest.FixtureRequest, kind: str
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, kind: str
 ) -> None:
+    backend: amp.LimitsBackend
     if kind == "redis":
         from amp_cohorts_async.redis import RedisLimits
 
-        backend: amp.LimitsBackend = RedisLimits.from_url(
+        backend = RedisLimits.from_url(
             request.getfixturevalue("redis_url"), namespace=uuid.uuid4().hex, lease_ttl=0.5)
+    elif kind == "file":
+        backend = amp.FileLimits(tmp_path / "limits.sqlite3", lease_ttl=0.5)
     else:
         backend = amp.InMemoryLimits()
     backend.bind(amp.Limits(), "app")
@@ -242,7 +248,7 @@ async def test_the_write_lease_has_one_holder_per_cohort(
         assert again is not None
         assert again != token
         assert not await backend.renew_write("c1", token)  # an old token renews nothing
-        if kind == "redis":  # a holder that stops renewing loses the lease after lease_ttl
+        if kind != "memory":  # a holder that stops renewing loses the lease after lease_ttl
             await anyio.sleep(0.7)
             taken = await backend.acquire_write("c1")
             assert taken is not None
