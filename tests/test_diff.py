@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
+import os
 import pathlib
+import sys
 import tempfile
 from typing import Any
 
@@ -239,3 +242,23 @@ async def test_a_cancelled_diff_leaves_nothing(tmp_path: pathlib.Path) -> None:
             assert not (out / "entering.csv").exists()
         group.cancel_scope.cancel()
     assert leftovers(out) == []
+
+
+async def test_command_line_diff_needs_no_credentials(tmp_path: pathlib.Path) -> None:
+    old = write(tmp_path / "old.csv", '"amplitude_id","user_id"', '"1","a"', '"2",""')
+    new = write(tmp_path / "new.csv", '"amplitude_id","user_id"', '"2",""', '"3","c"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMPLITUDE_")}
+    command = [sys.executable, "-m", "amp_cohorts_async", "diff", str(old), str(new),
+               str(tmp_path / "out")]
+    result = await anyio.run_process([*command, "--key", "user_id"], env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().startswith(
+        "1 entering, 1 exiting, 0 unchanged by user_id, 2 rows without a user_id (not compared)"
+        f" -> {tmp_path / 'out' / 'entering.csv'}")
+    result = await anyio.run_process([*command, "--json"], env=env, check=False)
+    summary = json.loads(result.stdout)
+    assert (summary["entering"], summary["exiting"], summary["unchanged"]) == (1, 1, 1)
+    assert summary["exiting_path"] == str(tmp_path / "out" / "exiting.csv")
+    result = await anyio.run_process([*command, "--key", "city"], env=env, check=False)
+    assert result.returncode == 2
+    assert b"has no 'city' column" in result.stderr

@@ -14,6 +14,7 @@ from typing import IO
 import anyio
 
 from .._client import CohortsClient
+from .._diff import diff_members
 from .._exceptions import InvalidRequestError, NotFoundError
 from .._models import Cohort, CohortOutcome, DownloadResult, MembershipChange, Operation
 from .._store import DirectoryStore, Plan
@@ -21,7 +22,7 @@ from .._validate import export_options
 from ._live import ProgressView
 from ._output import is_tty, plural, print_json, report, summary
 
-__all__ = ("COMMANDS", "EMPTY_UPLOAD", "read_ids")
+__all__ = ("COMMANDS", "EMPTY_UPLOAD", "read_ids", "run_diff")
 
 EMPTY_UPLOAD = 6  # an upload in which no id matched (documented exit code)
 
@@ -201,6 +202,16 @@ async def cmd_fetch(client: CohortsClient, args: argparse.Namespace, out: IO[str
 
 
 Command = Callable[[CohortsClient, argparse.Namespace, IO[str]], Awaitable[int]]
+
+async def run_diff(args: argparse.Namespace, out: IO[str]) -> int:
+    """``diff OLD NEW OUT_DIR``: files only, so no credentials and no client."""
+    diff = await diff_members(args.old, args.new, args.out_dir, key=args.key)
+    return report(args, out, diff, (
+        f"{diff.entering:,} entering, {diff.exiting:,} exiting, {diff.unchanged:,} unchanged"
+        f" by {diff.key}" + (f", {plural(diff.no_key, 'row')} without a {diff.key} (not "
+                             f"compared)" if diff.no_key else "")
+        + f" -> {diff.entering_path}, {diff.exiting_path}"))
+
 
 COMMANDS: dict[str, Command] = {
     "list": cmd_list, "usage": cmd_usage, "download": cmd_download, "upload": cmd_upload,

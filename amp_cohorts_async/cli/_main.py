@@ -33,7 +33,7 @@ from .._exceptions import (
 from .._file_limits import FileLimits
 from .._limits import LimitsBackend
 from .._models import IdType, MembershipIdType
-from ._commands import COMMANDS
+from ._commands import COMMANDS, run_diff
 from ._demo import run_demo
 
 try:  # the shared limits need the optional redis extra
@@ -120,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("request_id", metavar="REQUEST_ID")
     p.add_argument("-o", "--output", required=True, help="file path")
 
+    p = sub.add_parser("diff", help="who entered and who left between two exports (files "
+                                    "only: no credentials, no request)")
+    p.add_argument("old", metavar="OLD", help="the earlier export (CSV, gzip or not)")
+    p.add_argument("new", metavar="NEW", help="the later export")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where entering.csv and exiting.csv go")
+    p.add_argument("--key", default="amplitude_id",
+                   help="the column that identifies a member: amplitude_id, user_id, or "
+                        "group_id / group_name for a group cohort")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
     p = sub.add_parser("demo", help="run the downloader against the built-in emulator")
     p.add_argument("-o", "--output", default="amp-cohorts-demo")
     p.add_argument("--debug", action="store_true")
@@ -156,6 +167,8 @@ def check_credentials() -> None:
 async def run(args: argparse.Namespace, out: IO[str]) -> int:
     if args.command == "demo":
         return await run_demo(pathlib.Path(args.output), out)
+    if args.command == "diff":
+        return await run_diff(args, out)
     check_credentials()
     poll = PollPolicy(initial_interval=getattr(args, "poll_interval", 2.0))
     backend = limits_backend(args.limits_url)
