@@ -9,12 +9,15 @@ import os
 import pathlib
 import signal
 import sys
+import tempfile
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import amp_cohorts_async as amp
-from amp_cohorts_async.testing import FakeAmplitude
+from amp_cohorts_async.testing import FakeAmplitude, run_in_virtual_time
 from amp_cohorts_async.testing._data import render_export
 
 from .conftest import FAST_POLL
@@ -356,3 +359,95 @@ async def test_a_sync_killed_midway_then_a_new_sync_spends_only_for_what_was_not
     for cohort_id in ids:
         assert (tmp_path / f"{cohort_id}.csv").read_bytes() == export_of(fake, cohort_id)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith((".part", ".tmp"))]
+
+
+# -- the property: never more requests than changes ---------------------------------------------
+
+step = st.one_of(
+    st.tuples(st.just("touch"), st.integers(0, 3)),
+    st.tuples(st.just("sync"), st.one_of(st.none(), st.integers(0, 3)), st.booleans()),
+    st.tuples(st.just("crash"), st.floats(0.0, 40.0)),
+    st.tuples(st.just("concurrent"), st.one_of(st.none(), st.integers(0, 3))),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(step, min_size=1, max_size=8))
+def test_random_touches_syncs_crashes_and_overlaps_never_spend_more_than_the_changes(
+    steps: list[tuple[object, ...]]
+) -> None:
+    """Random sequences of touches, syncs (some with budgets, some dry), crashes (a sync
+    cancelled at a random moment) and two overlapping syncs: the requests spent never exceed
+    the changes (each cohort's first copy and each touch) plus the requests whose answer was
+    lost to a crash; every unchanged or downloaded file is the export of its last_computed."""
+    ids = [f"h{i}" for i in range(4)]
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as scratch, FakeAmplitude(job_duration=5.0,
+                                                                        seed=3) as fake:
+            directory = pathlib.Path(scratch)
+            exports: dict[tuple[str, int], bytes] = {}
+
+            def remember(cohort_id: str) -> None:
+                exports[(cohort_id, fake.cohorts[cohort_id].last_computed)] = export_of(
+                    fake, cohort_id)
+
+            for index, cohort_id in enumerate(ids):
+                fake.add_cohort(cohort_id, size=5 + index, last_computed=1_700_000_000 + index)
+                remember(cohort_id)
+            lost = 0
+
+            # One client, so every run obeys one set of limits (the overlapping runs too).
+            client = amp.CohortsClient(fake.api_key, fake.secret_key,
+                                       transport=fake.transport(), poll=FAST_POLL)
+
+            async def sync(max_requests: int | None = None, dry_run: bool = False
+                           ) -> amp.SyncReport:
+                return await client.sync_cohorts(ids, directory, max_requests=max_requests,
+                                                 dry_run=dry_run)
+
+            def check(report: amp.SyncReport) -> None:
+                for entry in report.entries:
+                    if entry.action in ("unchanged", "downloaded"):
+                        assert entry.path is not None
+                        assert entry.last_computed is not None
+                        key = (entry.cohort_id, int(entry.last_computed.timestamp()))
+                        assert entry.path.read_bytes() == exports[key], entry
+
+            async with client:
+                for kind, *args in steps:
+                    before = fake.cohort_requests
+                    if kind == "touch":
+                        cohort_id = ids[int(args[0])]  # type: ignore[call-overload]
+                        fake.touch(cohort_id)
+                        remember(cohort_id)
+                    elif kind == "sync":
+                        report = await sync(args[0], bool(args[1]))  # type: ignore[arg-type]
+                        check(report)
+                        if args[1]:
+                            assert fake.cohort_requests == before
+                    elif kind == "crash":
+                        known = set(fake.jobs)
+                        with anyio.move_on_after(float(args[0])):  # type: ignore[arg-type]
+                            await sync()
+                        journal = (journal_entries(directory)
+                                   if (directory / ".amp-cohorts-journal.json").exists() else {})
+                        recorded = {e.get(k) for e in journal.values()
+                                    for k in ("request_id", "copy_request_id")}
+                        lost += len(set(fake.jobs) - known - recorded)
+                    else:
+                        reports: list[amp.SyncReport] = []
+
+                        async def run(into: list[amp.SyncReport], max_requests: object) -> None:
+                            into.append(await sync(max_requests))  # type: ignore[arg-type]
+
+                        async with anyio.create_task_group() as group:
+                            group.start_soon(run, reports, args[0])
+                            group.start_soon(run, reports, args[0])
+                        for report in reports:
+                            check(report)
+                    changes = len(exports)
+                    assert fake.cohort_requests <= changes + lost, (steps, lost)
+            assert fake.violations == []
+
+    run_in_virtual_time(main)
