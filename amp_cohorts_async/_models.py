@@ -287,7 +287,8 @@ class SyncEntry:
     ``over_budget`` (it needed a cohort request the budget had no room for), ``planned`` (a
     dry run would request it) or ``failed`` (``error`` says why). ``last_computed`` is the
     list's; ``path`` the current verified copy after the run, whatever the action (None when
-    there is none); ``previous_path`` the version this run's download replaced.
+    there is none); ``previous_path`` the version this run's download replaced;
+    ``result`` the download (``downloaded``) or the copy found in place (``unchanged``).
     """
 
     cohort_id: str

@@ -153,10 +153,12 @@ async def sync_cohorts(
 
 def _entry(action: SyncAction, cohort_id: str, cohort: Cohort | None,
            copy: DownloadResult | None, *, error: AmplitudeError | None = None) -> SyncEntry:
-    """An entry for a cohort this run did not download."""
+    """An entry for a cohort this run did not download; an unchanged one carries its copy's
+    DownloadResult (size, sha256, members as counted when it was written)."""
     return SyncEntry(cohort_id=cohort_id, action=action,
                      last_computed=None if cohort is None else cohort.last_computed,
-                     path=None if copy is None else copy.path, error=error)
+                     path=None if copy is None else copy.path, error=error,
+                     result=copy if action == "unchanged" else None)
 
 
 def _copy_age(look: _Look) -> str:

@@ -20,7 +20,7 @@ from .._models import Cohort, CohortOutcome, DownloadResult, MembershipChange, O
 from .._store import DirectoryStore, Plan
 from .._validate import export_options
 from ._live import ProgressView
-from ._output import is_tty, plural, print_json, report, summary
+from ._output import is_tty, plural, print_json, report, summary, sync_summary
 
 __all__ = ("COMMANDS", "EMPTY_UPLOAD", "read_ids", "run_diff")
 
@@ -201,6 +201,51 @@ async def cmd_fetch(client: CohortsClient, args: argparse.Namespace, out: IO[str
     return report(args, out, result, f"{result.path}\t{result.size_bytes}\t{result.sha256}")
 
 
+# Runs a month at each cadence, for the dry run's projection.
+RUNS_A_MONTH = {"1d": 30, "1h": 720}
+
+
+async def cmd_sync(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
+    if args.every and not args.dry_run:
+        raise InvalidRequestError("--every projects a dry run's cost: add --dry-run")
+    if args.all:
+        if args.cohort_ids:
+            raise InvalidRequestError("pass cohort ids or --all, not both")
+        targets: list[str | Cohort] = [c for c in await client.list_cohorts() if not c.archived]
+    elif not args.cohort_ids:
+        raise InvalidRequestError("name at least one cohort id, or --all")
+    else:
+        targets = list(args.cohort_ids)
+    info = sys.stderr if args.json else out  # with --json, stdout carries only the JSON
+    started = time.monotonic()
+    view = ProgressView([], stream=info, live=info.isatty())
+    with view:
+        report = await client.sync_cohorts(
+            targets, args.directory, props=args.props or bool(args.prop_key),
+            prop_keys=tuple(args.prop_key), max_requests=args.max_requests,
+            dry_run=args.dry_run, keep_versions=args.keep_versions, on_progress=view,
+        )
+    sync_summary(report, time.monotonic() - started, out, args.json)
+    if args.dry_run and not args.json:
+        needed = report.count("planned") + report.count("over_budget")
+        info.write(f"dry run: {plural(report.count('planned'), 'cohort request')} would be "
+                   f"spent{_left(report.quota_remaining)}\n")
+        if args.every:
+            runs = RUNS_A_MONTH[args.every]
+            info.write(f"every {args.every}: about {needed * runs:,} cohort requests a month if "
+                       f"{needed} of {len(report.entries)} cohorts change each time "
+                       f"({runs} runs; the quota is {client.limits.monthly_quota or 'unlimited'})"
+                       "\n")
+    errors = [e.error for e in report.entries if e.error is not None]
+    if errors:
+        return 4 if all(isinstance(e, NotFoundError) for e in errors) else 1
+    return 4 if report.count("missing") else 0
+
+
+def _left(quota_remaining: int | None) -> str:
+    return "" if quota_remaining is None else f"; {quota_remaining:,} would be left this month"
+
+
 Command = Callable[[CohortsClient, argparse.Namespace, IO[str]], Awaitable[int]]
 
 async def run_diff(args: argparse.Namespace, out: IO[str]) -> int:
@@ -216,7 +261,7 @@ async def run_diff(args: argparse.Namespace, out: IO[str]) -> int:
 COMMANDS: dict[str, Command] = {
     "list": cmd_list, "usage": cmd_usage, "download": cmd_download, "upload": cmd_upload,
     "membership": cmd_membership, "request": cmd_request, "status": cmd_status,
-    "fetch": cmd_fetch,
+    "fetch": cmd_fetch, "sync": cmd_sync,
 }
 
 

@@ -86,6 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=2.0, metavar="SECONDS",
                    help="first wait before polling an export's status (grows to 30 s)")
 
+    p = sub.add_parser("sync", parents=[common],
+                       help="keep copies of cohorts fresh: export only what changed")
+    p.add_argument("directory", metavar="DIR", help="where the copies live (created if missing)")
+    p.add_argument("cohort_ids", nargs="*", metavar="COHORT_ID")
+    p.add_argument("--all", action="store_true",
+                   help="every cohort the list shows that is not archived")
+    p.add_argument("--props", action="store_true", help="include user properties")
+    p.add_argument("--prop-key", action="append", default=[], metavar="KEY",
+                   help="a user property to include (repeatable; implies --props)")
+    p.add_argument("--max-requests", type=int, metavar="N",
+                   help="spend at most N cohort requests (default: the month's quota left)")
+    p.add_argument("--keep-versions", type=int, default=2, metavar="N",
+                   help="versions kept per cohort, the current one included")
+    p.add_argument("--dry-run", action="store_true",
+                   help="request nothing; show what a run would do and spend")
+    p.add_argument("--every", choices=["1d", "1h"],
+                   help="with --dry-run: project the month's cost of syncing this often")
+    p.add_argument("--poll-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="first wait before polling an export's status (grows to 30 s)")
+
     def ids_source(p: argparse.ArgumentParser) -> None:
         p.add_argument("file", metavar="FILE", help="ids one per line, a CSV, or - for stdin")
         p.add_argument("--column", help="take ids from this CSV column")

@@ -12,10 +12,10 @@ from typing import IO, Any
 import attrs
 
 from .._exceptions import AmplitudeError
-from .._models import CohortOutcome
+from .._models import CohortOutcome, SyncEntry, SyncReport
 from ._live import human_bytes
 
-__all__ = ("is_tty", "print_json", "report", "summary")
+__all__ = ("is_tty", "print_json", "report", "summary", "sync_summary")
 
 
 def _jsonable(value: Any) -> Any:
@@ -115,3 +115,44 @@ async def summary(outcomes: list[CohortOutcome], started: float, out: IO[str],
         out.write(f"{plural(len(outcomes), 'cohort')} in {elapsed:.1f}s\n")
 
 
+
+
+def _sync_row(entry: SyncEntry) -> tuple[str, str, str, str, str]:
+    """cohort, action (or the error), last computed, members, size."""
+    computed = "" if entry.last_computed is None else entry.last_computed.isoformat(
+        timespec="minutes")
+    result = entry.result
+    members = "" if result is None or result.members is None else f"{result.members:,}"
+    size = ""
+    if result is not None:
+        size = human_bytes(result.size_bytes)
+    elif entry.path is not None and entry.path.exists():
+        size = human_bytes(entry.path.stat().st_size)
+    action = entry.action if entry.error is None else f"failed: {entry.error}"
+    return entry.cohort_id, action, computed, members, size
+
+
+def sync_summary(report: SyncReport, elapsed: float, out: IO[str], as_json: bool) -> None:
+    """The closing table of a sync (cohort, action, last computed, members, size), ending
+    with the quota spent and left."""
+    if as_json:
+        print_json(report, out)
+        return
+    left = ("" if report.quota_remaining is None
+            else f", {report.quota_remaining:,} left this month")
+    footer = (f"{plural(len(report.entries), 'cohort')} in {elapsed:.1f}s: "
+              f"{plural(report.requests_spent, 'cohort request')} spent{left}")
+    rows = [_sync_row(entry) for entry in report.entries]
+    if is_tty(out):
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("cohort", "action", "last computed", "members", "size", caption=footer)
+        for row in rows:
+            table.add_row(*row)
+        Console(file=out).print(table)
+        return
+    out.write("cohort\taction\tlast computed\tmembers\tsize\n")
+    for row in rows:
+        out.write("\t".join(value or "-" for value in row) + "\n")
+    out.write(footer + "\n")
