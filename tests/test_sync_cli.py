@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import AsyncIterator
+
+import pytest
 
 from amp_cohorts_async.testing import FakeAmplitude
 
-from .test_cli import cli, served  # noqa: F401 - the fixture
+from .test_cli import cli
+
+
+@pytest.fixture
+async def emulator(fake: FakeAmplitude) -> AsyncIterator[tuple[FakeAmplitude, str]]:
+    fake.job_duration = 0.2
+    async with fake.serve() as base_url:
+        yield fake, base_url
 
 
 def table(out: str) -> list[str]:
@@ -20,10 +30,10 @@ def table(out: str) -> list[str]:
 
 
 async def test_sync_exports_what_changed_and_ends_with_the_quota(
-    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+    emulator: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
 ) -> None:
-    fake, _ = served
-    code, out, err = await cli(served, "sync", str(tmp_path), "small", "large",
+    fake, _ = emulator
+    code, out, err = await cli(emulator, "sync", str(tmp_path), "small", "large",
                                "--poll-interval", "0.1")
     assert code == 0, err
     lines = table(out)
@@ -35,7 +45,7 @@ async def test_sync_exports_what_changed_and_ends_with_the_quota(
     assert (tmp_path / "small.csv").exists()
 
     fake.touch("large")
-    code, out, err = await cli(served, "sync", str(tmp_path), "small", "large",
+    code, out, err = await cli(emulator, "sync", str(tmp_path), "small", "large",
                                "--poll-interval", "0.1")
     assert code == 0, err
     actions = dict(line.split("\t")[:2] for line in table(out)[1:-1])
@@ -45,16 +55,16 @@ async def test_sync_exports_what_changed_and_ends_with_the_quota(
 
 
 async def test_sync_dry_run_projects_the_month_at_its_cadence(
-    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+    emulator: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
 ) -> None:
-    fake, _ = served
+    fake, _ = emulator
     for index in range(2):  # 4 cohorts in all: the first minute's 4 requests
         fake.add_cohort(f"d{index}", size=5)
-    code, _, err = await cli(served, "sync", str(tmp_path), "--all", "--poll-interval", "0.1")
+    code, _, err = await cli(emulator, "sync", str(tmp_path), "--all", "--poll-interval", "0.1")
     assert code == 0, err
     fake.touch("d0")
     fake.touch("d1")
-    code, out, err = await cli(served, "sync", str(tmp_path), "--all", "--dry-run",
+    code, out, err = await cli(emulator, "sync", str(tmp_path), "--all", "--dry-run",
                                "--every", "1d", "--max-requests", "1")
     assert code == 0, err
     actions = [line.split("\t")[1] for line in table(out)[1:5]]
@@ -66,17 +76,17 @@ async def test_sync_dry_run_projects_the_month_at_its_cadence(
 
 
 async def test_sync_json_and_argument_errors(
-    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
+    emulator: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
 ) -> None:
-    code, out, err = await cli(served, "sync", str(tmp_path), "small", "missing", "--json",
+    code, out, err = await cli(emulator, "sync", str(tmp_path), "small", "missing", "--json",
                                "--poll-interval", "0.1")
     assert code == 4, err  # a cohort the list does not show
     data = json.loads(out)
     assert [e["action"] for e in data["entries"]] == ["downloaded", "missing"]
     assert data["requests_spent"] == 1
-    code, _, err = await cli(served, "sync", str(tmp_path), "small", "--every", "1h")
+    code, _, err = await cli(emulator, "sync", str(tmp_path), "small", "--every", "1h")
     assert code == 2
     assert "--every projects a dry run" in err
-    code, _, err = await cli(served, "sync", str(tmp_path), "small", "--keep-versions", "0")
+    code, _, err = await cli(emulator, "sync", str(tmp_path), "small", "--keep-versions", "0")
     assert code == 2
     assert "keep_versions" in err
