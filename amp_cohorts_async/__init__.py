@@ -1,5 +1,6 @@
 """amp_cohorts_async: an asyncio client for Amplitude's Behavioral Cohorts API."""
 
+from ._arrow import iter_arrow_batches
 from ._client import CohortsClient
 from ._config import DownloadPolicy, Limits, PollPolicy, RateWindow, RetryPolicy
 from ._diff import MembershipDiff, diff_members
@@ -99,6 +100,7 @@ __all__ = (
     "UploadResult",
     "Usage",
     "diff_members",
+    "iter_arrow_batches",
     "iter_member_batches",
     "iter_members",
 )

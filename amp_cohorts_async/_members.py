@@ -27,7 +27,7 @@ import csv
 import gzip
 import itertools
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from os import PathLike
 from typing import IO
 
@@ -68,19 +68,30 @@ def _strip_tabs(row: list[str]) -> list[str]:
     return [value[1:] if value[:1] == "\t" else value for value in row]
 
 
-def _is_tabbed(row: list[str]) -> bool:
+def is_tabbed(row: Sequence[str | None]) -> bool:
     """A group cohort's row: every non-empty value starts with a tab."""
     present = [value for value in row if value]
     return bool(present) and all(value[:1] == "\t" for value in present)
 
 
+def first_record(path: str) -> list[str] | None:
+    """The file's first non-blank CSV record (its header) as written, or None when empty.
+
+    Blocking; errors as the open and csv.reader raise them.
+    """
+    with _open_text(path) as text:
+        return next(filter(None, csv.reader(text)), None)
+
+
 @contextlib.contextmanager
-def unreadable_as_errors(name: str) -> Iterator[None]:
+def unreadable_as_errors(
+    name: str, content_errors: tuple[type[Exception], ...] = ()
+) -> Iterator[None]:
     """A file that cannot be read as a cohort export raises the library's errors.
 
     The path is the caller's argument (InvalidRequestError: missing, a directory, no access);
     the content is a file's (ResponseValidationError: not UTF-8, a truncated or corrupt gzip,
-    a malformed CSV).
+    a malformed CSV, or any of ``content_errors``, a parser's own).
     """
     try:
         yield
@@ -92,9 +103,14 @@ def unreadable_as_errors(name: str) -> Iterator[None]:
         raise InvalidRequestError(f"cannot read {name}: {exc.strerror}") from None
     except (UnicodeDecodeError, EOFError, zlib.error, csv.Error, OSError) as exc:
         # gzip.BadGzipFile is an OSError; EOFError: a gzip stream that stops early.
-        reason = f"{type(exc).__name__}: {exc}"[:200]
-        raise ResponseValidationError(f"{name} is not a readable cohort export ({reason})"
-                                      ) from None
+        raise _content_error(name, exc) from None
+    except content_errors as exc:
+        raise _content_error(name, exc) from None
+
+
+def _content_error(name: str, exc: Exception) -> ResponseValidationError:
+    reason = f"{type(exc).__name__}: {exc}"[:200]
+    return ResponseValidationError(f"{name} is not a readable cohort export ({reason})")
 
 
 async def iter_member_batches(
@@ -123,7 +139,7 @@ async def iter_member_batches(
                 return
             columns = tuple(_strip_tabs(header))
             rows = list(itertools.islice(reader, batch_rows))
-        tabbed = bool(rows) and _is_tabbed(rows[0])
+        tabbed = bool(rows) and is_tabbed(rows[0])
         while rows:
             yield MemberBatch(columns, list(map(_strip_tabs, rows)) if tabbed else rows)
             await anyio.lowlevel.checkpoint()

@@ -14,6 +14,7 @@ API_MD_NAMES = {
     "diff_members", "MembershipDiff",
     "FileLimits",
     "SyncReport", "SyncEntry",
+    "iter_arrow_batches",
 }
 # Additions beyond API.md, documented in the README.
 EXTENSIONS = {"PartialWriteError", "DiskError", "DownloadPolicy", "InMemoryLimits",

@@ -41,3 +41,12 @@ async def typed_usage() -> None:
         async for row in amp.iter_members(path):
             user_id: str = row["user_id"]
             print(user_id, done, remaining, errors, skipped)
+
+
+async def typed_arrow_usage(path: pathlib.Path) -> None:
+    import pyarrow as pa
+
+    async for batch in amp.iter_arrow_batches(path, batch_rows=10_000):
+        record_batch: pa.RecordBatch = batch
+        ids: pa.Array[pa.Int64Scalar] = record_batch.column("amplitude_id")
+        print(ids)
