@@ -230,10 +230,14 @@ async def test_a_failure_part_way_closes_the_file_while_the_error_is_held(
 ) -> None:
     path = write_csv(tmp_path / "c.csv", ["amplitude_id"], [[str(i)] for i in range(50_000)]
                      + [["not a number"]])
-    seen = 0
-    with pytest.raises(amp.ResponseValidationError) as caught:
+    seen: list[int] = []
+
+    async def consume() -> None:
         async for batch in amp.iter_arrow_batches(path, batch_rows=1_000):
-            seen += batch.num_rows
+            seen.append(batch.num_rows)
+
+    with pytest.raises(amp.ResponseValidationError) as caught:
+        await consume()
     assert caught.value.__traceback__ is not None  # the generator's frame is still referenced
     assert open_descriptors_to(path) == 0
-    assert seen < 50_000  # an amplitude_id that is not an integer fails its whole block
+    assert sum(seen) < 50_000  # an amplitude_id that is not an integer fails its whole block
