@@ -41,7 +41,7 @@ import attrs
 from ._background import run_stoppable
 from ._exceptions import InvalidRequestError
 from ._files import disk_errors, make_directory
-from ._members import _is_tabbed, _open_text, _strip_tabs, unreadable_as_errors
+from ._members import _open_text, _strip_tabs, is_tabbed, unreadable_as_errors
 from ._validate import require_text, text_path
 
 __all__ = ("ENTERING_NAME", "EXITING_NAME", "MembershipDiff", "diff_members")
@@ -183,7 +183,7 @@ class _Partitioner:
             with unreadable_as_errors(source):
                 rows = list(itertools.islice(reader, _READ_ROWS))
             if batch_number == 1 and rows:
-                side.tabbed = _is_tabbed(rows[0])
+                side.tabbed = is_tabbed(rows[0])
             exhausted = not rows
             keys = _keys(rows, index, side.tabbed)
             if "" in keys:
