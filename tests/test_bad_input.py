@@ -7,6 +7,7 @@ that an invalid argument sent nothing, and that the destination directory is unc
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -225,6 +226,8 @@ HOSTILE_ANSWERS: list[tuple[str, str, Answer, type[Exception]]] = [
      amp.DownloadError),
     ("redirect to a look-alike", "file",
      (302, {"Location": "https://s3.amazonaws.com.evil.example/x"}, b""), amp.DownloadError),
+    ("redirect to a suffix look-alike", "file",
+     (302, {"Location": "https://evilamazonaws.com/x"}, b""), amp.DownloadError),
     ("redirect with credentials", "file",
      (302, {"Location": "https://u:p@bucket.s3.amazonaws.com/x"}, b""), amp.DownloadError),
     ("an html page", "file", (200, {"Content-Type": "text/html"}, b"<html>login</html>"),
@@ -409,6 +412,30 @@ async def test_a_journal_linked_elsewhere_is_neither_read_nor_written_through(
     assert outside.read_text() == json.dumps({"version": 1, "entries": {}})
     assert not (batch / JOURNAL).is_symlink()
     assert json.loads((batch / JOURNAL).read_text())["entries"]["c"]["sha256"]
+
+
+async def test_a_linked_journal_is_not_trusted_even_when_it_is_valid(
+    fake: FakeAmplitude, tmp_path: pathlib.Path
+) -> None:
+    # Followed, the link would say "c is finished" (its file and checksum match): no request,
+    # the planted file kept. Refused (O_NOFOLLOW), the batch exports c afresh.
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    planted = b'"amplitude_id","user_id"\n"666","planted"\n'
+    (batch / "c.csv").write_bytes(planted)
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"version": 1, "entries": {"c": _entry(
+        request_id="r-planted", requested_at=datetime.now(UTC).isoformat(), file="c.csv",
+        size_bytes=len(planted), sha256=hashlib.sha256(planted).hexdigest())}}))
+    os.symlink(outside, batch / JOURNAL)
+    async with amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(),
+                                 poll=amp.PollPolicy(initial_interval=0.01)) as client:
+        (outcome,) = await client.download_cohorts(["c"], batch, resume=True)
+    assert outcome.result is not None
+    assert outcome.result.request_id != "r-planted"
+    assert fake.cohort_requests == 1
+    members = {row["amplitude_id"] async for row in amp.iter_members(batch / "c.csv")}
+    assert members == fake.member_ids("c", by="amplitude_id")
 
 
 async def test_a_journal_entry_naming_another_cohorts_request_is_not_trusted(

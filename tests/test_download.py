@@ -312,6 +312,8 @@ async def test_resume_redownloads_a_tampered_file_without_new_request(
     [second] = await client.download_cohorts(["small"], tmp_path, resume=True)
     assert second.result is not None
     assert second.result.sha256 == first.result.sha256
+    # The file itself, not only the journal's record of it, is the export again.
+    assert hashlib.sha256(second.result.path.read_bytes()).hexdigest() == first.result.sha256
     assert fake.cohort_requests == 1
 
 
