@@ -19,6 +19,7 @@ from ._exceptions import (
     ResponseValidationError,
     ServerError,
     TransportError,
+    UncertainUploadError,
 )
 from ._file_limits import FileLimits
 from ._limits import (
@@ -97,6 +98,7 @@ __all__ = (
     "SyncMetadata",
     "SyncReport",
     "TransportError",
+    "UncertainUploadError",
     "UploadResult",
     "Usage",
     "diff_members",

@@ -16,7 +16,7 @@ from ._convert import CohortList, MembershipWire, UploadWire, structure
 from ._http import HttpBoundary
 from ._models import Cohort, CohortRequest, ExportOptions, RequestStatus, Usage
 from ._scheduler import RequestKind, Scheduler, WaitCallback
-from ._send import Sender
+from ._send import SendCount, Sender
 from ._validate import path_segment
 
 __all__ = ("Api",)
@@ -43,6 +43,11 @@ class Api:
     def observed(self, on_wait: WaitCallback | None) -> Api:
         """The same endpoints, reporting every wait to ``on_wait`` (a progress observer)."""
         return Api(self.boundary, self.sender.observed(on_wait), self.scheduler,
+                   self._request_cohorts)
+
+    def counted(self, count: SendCount) -> Api:
+        """The same endpoints, adding each request sent to ``count``."""
+        return Api(self.boundary, self.sender.counted(count), self.scheduler,
                    self._request_cohorts)
 
     def cohort_of(self, request_id: str) -> str | None:
@@ -110,16 +115,23 @@ class Api:
         """The presigned URL ``/file`` pointed to (no credentials, no permit: not Amplitude)."""
         return self.boundary.open_presigned(url, headers)
 
-    async def upload(self, body: Mapping[str, Any]) -> UploadWire:
-        return await self._post("/api/3/cohorts/upload", body, UploadWire, "upload_cohort")
+    async def upload(self, body: Mapping[str, Any], *, retried: bool = True) -> UploadWire:
+        """POST /upload; ``retried=False``: ONE exchange, for a caller that decides itself
+        whether sending it again is safe (an upload that creates a cohort)."""
+        return await self._post("/api/3/cohorts/upload", body, UploadWire, "upload_cohort",
+                                retried=retried)
 
     async def membership(self, body: Mapping[str, Any]) -> MembershipWire:
         return await self._post(
             "/api/3/cohorts/membership", body, MembershipWire, "update_membership"
         )
 
-    async def _post(self, path: str, body: Mapping[str, Any], wire: type[T], what: str) -> T:
-        data = await self.sender.call_json(
+    async def _post(
+        self, path: str, body: Mapping[str, Any], wire: type[T], what: str, *,
+        retried: bool = True,
+    ) -> T:
+        send = self.sender.call_json if retried else self.sender.exchange_json
+        data = await send(
             RequestKind.OTHER,
             lambda: self.boundary.build("POST", path, json_body=body),
             what=what,

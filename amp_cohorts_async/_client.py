@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
+import attrs
 
 from ._api import Api
 from ._apply import apply_diff, check_diff
@@ -40,6 +41,7 @@ from ._models import (
     MembershipIdType,
     MembershipResult,
     RequestStatus,
+    SyncEntry,
     SyncReport,
     UploadResult,
     Usage,
@@ -48,7 +50,14 @@ from ._scheduler import Scheduler
 from ._send import Sender
 from ._sync import sync_cohorts
 from ._upload import Uploader
-from ._validate import export_options, require_bool, require_id, require_text, text_path
+from ._validate import (
+    export_options,
+    require_bool,
+    require_encodable,
+    require_id,
+    require_text,
+    text_path,
+)
 
 if TYPE_CHECKING:  # annotations of the public signature only; httpx is used by _http.py
     import httpx
@@ -69,7 +78,7 @@ def _credential(value: str | None, env: str, name: str) -> str:
         raise InvalidRequestError(f"{name} is required (pass it or set {env})")
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequestError(f"{name} must be a non-empty string")
-    return value
+    return require_encodable(value, name)
 
 
 def _progress_callback(value: Any) -> ProgressCallback | None:
@@ -78,23 +87,35 @@ def _progress_callback(value: Any) -> ProgressCallback | None:
     return value  # type: ignore[no-any-return]
 
 
-def _cohort_items(value: Any) -> tuple[list[str], dict[str, int]]:
-    """Ids (validated) and the sizes that ``Cohort`` items carry."""
+def _cohort_items(
+    value: Any,
+) -> tuple[list[str], dict[str, int], dict[str, InvalidRequestError]]:
+    """Ids, the sizes that ``Cohort`` items carry, and the ids refused, each with its reason.
+
+    An item that is not text (or a ``Cohort``) refuses the whole call; text that is not a valid
+    id (blank, too long, not encodable...) fails that cohort only, so one bad line in a list
+    of ids never costs the batch the others.
+    """
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise InvalidRequestError(
             f"cohort_ids must be an iterable of ids or Cohort objects, got {type(value).__name__}"
         )
     ids: list[str] = []
     sizes: dict[str, int] = {}
+    refused: dict[str, InvalidRequestError] = {}
     for position, item in enumerate(value):
-        if isinstance(item, Cohort):
-            cohort_id = require_id(item.id, f"cohort_ids[{position}].id")
-            if item.size is not None:
-                sizes[cohort_id] = item.size
-        else:
-            cohort_id = require_id(item, f"cohort_ids[{position}]")
+        cohort_id, name = (item.id, f"cohort_ids[{position}].id") if isinstance(
+            item, Cohort) else (item, f"cohort_ids[{position}]")
+        if not isinstance(cohort_id, str):
+            require_id(cohort_id, name)  # raises: not text at all
+        try:
+            require_id(cohort_id, name)
+        except InvalidRequestError as error:
+            refused[cohort_id] = error
+        if isinstance(item, Cohort) and item.size is not None:
+            sizes[cohort_id] = item.size
         ids.append(cohort_id)
-    return ids, sizes
+    return ids, sizes, refused
 
 
 class CohortsClient:
@@ -289,6 +310,11 @@ class CohortsClient:
         ``id_type`` is an ``IdType`` (or its value); ``ids`` any iterable or async iterable of
         strings, de-duplicated in first-seen order. A failure after some chunks were applied
         raises ``PartialWriteError`` saying what was applied and what is pending.
+
+        An upload that creates a cohort is never sent twice blindly: when its answer is lost
+        after Amplitude may have acted, the cohort list decides whether it made the cohort
+        (adopted) or not (sent again); ``UncertainUploadError`` when the list cannot tell.
+        ``UploadResult.requests_sent`` counts every request sent, retries included.
         """
         return await self._uploader.upload_cohort(
             name=name,
@@ -381,16 +407,22 @@ class CohortsClient:
         that ``/file`` still serves (younger than 6 days) are fetched again at no quota, and
         only what failed or never started is requested anew.
         """
-        ids, sizes = _cohort_items(cohort_ids)
+        ids, sizes, refused = _cohort_items(cohort_ids)
         export = export_options(props, prop_keys)
         callback = _progress_callback(on_progress)
         require_bool(resume, "resume")
         directory = await make_directory(dest_dir, "dest_dir")
         self._check_open()
-        return await download_cohorts(
-            self._api, self._downloader, self._scheduler, ids, sizes, directory, export,
+        for cohort_id in refused:
+            Progress(callback, cohort_id).emit("failed")
+        valid = [c for c in ids if c not in refused]
+        outcomes = await download_cohorts(
+            self._api, self._downloader, self._scheduler, valid, sizes, directory, export,
             callback, resume=resume,
-        )
+        ) if valid else []
+        done = {outcome.cohort_id: outcome for outcome in outcomes}
+        return [done[c] if c in done else CohortOutcome(cohort_id=c, error=refused[c])
+                for c in ids]
 
     async def sync_cohorts(
         self,
@@ -417,7 +449,7 @@ class CohortsClient:
         Runs sharing ``dest_dir`` (tasks, processes, hosts) spend one request per change in
         all: a run that finds another exporting a cohort waits for its copy.
         """
-        ids, _sizes = _cohort_items(cohorts)
+        ids, _sizes, refused = _cohort_items(cohorts)
         export = export_options(props, prop_keys)
         callback = _progress_callback(on_progress)
         if max_requests is not None and (isinstance(max_requests, bool)
@@ -431,10 +463,18 @@ class CohortsClient:
             raise InvalidRequestError(f"keep_versions must be an int >= 1, got {keep_versions!r}")
         directory = await _dest_dir(dest_dir, create=not dry_run)
         self._check_open()
-        return await sync_cohorts(
-            self._api, self._downloader, self._scheduler, ids, directory, export, callback,
+        report = await sync_cohorts(
+            self._api, self._downloader, self._scheduler, [c for c in ids if c not in refused],
+            directory, export, callback,
             max_requests=max_requests, dry_run=dry_run, keep_versions=keep_versions,
         )
+        if not refused:
+            return report
+        entries = {entry.cohort_id: entry for entry in report.entries}
+        return attrs.evolve(report, entries=[
+            entries[c] if c in entries else SyncEntry(cohort_id=c, action="failed",
+                                                      error=refused[c])
+            for c in ids])
 
 
 async def _dest_dir(value: Any, *, create: bool) -> pathlib.Path:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 
 from ._exceptions import InvalidRequestError
+from ._validate import require_encodable
 
 __all__ = (
     "REGIONS",
@@ -213,6 +214,7 @@ def resolve_base_url(region: Any, base_url: Any) -> str:
         raise InvalidRequestError(f"base_url must be a string, got {type(base_url).__name__}")
     if len(base_url) > 2048 or any(ord(c) < 0x21 or ord(c) == 0x7F for c in base_url):
         raise InvalidRequestError("base_url must be a URL without spaces or control characters")
+    require_encodable(base_url, "base_url")
     try:
         parts = urlsplit(base_url)
         host = parts.hostname

@@ -16,7 +16,8 @@ AmplitudeError                      base of everything raised
 ├── CohortJobError                  export job failed or passed its deadline
 ├── DownloadError                   the file could not be fetched intact
 │   └── DiskError                   the file could not be written here (.errno: ENOSPC...)
-└── PartialWriteError               an upload/membership update stopped part-way (what was applied)
+├── PartialWriteError               an upload/membership update stopped part-way (what was applied)
+└── UncertainUploadError            an upload may have created a cohort; which, if any, is unknown
 ```
 
 Errors are raised from ``_http.py`` (the HTTP boundary) and the workflow modules; no
@@ -26,6 +27,7 @@ Errors are raised from ``_http.py`` (the HTTP boundary) and the workflow modules
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ __all__ = (
     "ResponseValidationError",
     "ServerError",
     "TransportError",
+    "UncertainUploadError",
 )
 
 
@@ -187,6 +190,38 @@ class PartialWriteError(AmplitudeError):
         self.total_chunks = total_chunks
         self.applied_ids = applied_ids
         self.pending_ids = pending_ids
+
+
+class UncertainUploadError(AmplitudeError):
+    """An upload that creates a cohort failed after Amplitude may have created it, and the
+    cohort list could not settle whether it did.
+
+    ``name``, ``owner`` and ``app_id`` are the upload's; ``since`` (aware, UTC) is when the
+    first attempt Amplitude may have acted on began; ``candidates`` are the ids of the cohorts
+    that match, when the list shows several. Look for the cohort before uploading again.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        name: str,
+        owner: str,
+        app_id: int,
+        since: datetime,
+        candidates: list[str],
+    ) -> None:
+        super().__init__(
+            f"the upload creating cohort {name!r} (owner {owner}, app {app_id}) failed after "
+            f"Amplitude may have created it, at or after "
+            f"{since.astimezone(UTC).isoformat(timespec='seconds')}; {reason}. Look for it "
+            f"in list_cohorts() before uploading again"
+        )
+        self.name = name
+        self.owner = owner
+        self.app_id = app_id
+        self.since = since
+        self.candidates = candidates
 
 
 # -- internal signals between the transfer and the retry loop (never reach a caller) ----------

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
+import attrs
 
 from ._config import RetryPolicy
 from ._exceptions import AmplitudeError, RateLimitError, TransportError
@@ -24,11 +25,18 @@ from ._http import HttpBoundary, Request, Response, parse_json
 from ._retry import decide
 from ._scheduler import Outcome, RequestKind, Scheduler, WaitCallback
 
-__all__ = ("Sender",)
+__all__ = ("SendCount", "Sender")
 
 logger = logging.getLogger("amp_cohorts_async")
 
 T = TypeVar("T")
+
+
+@attrs.define
+class SendCount:
+    """How many requests left this machine (retries included; refused connections not)."""
+
+    sent: int = 0
 
 
 class Sender:
@@ -45,16 +53,22 @@ class Sender:
         retry: RetryPolicy,
         rng: random.Random,
         on_wait: WaitCallback | None = None,
+        count: SendCount | None = None,
     ) -> None:
         self.boundary = boundary
         self.scheduler = scheduler
         self.retry = retry
         self.rng = rng
         self.on_wait = on_wait
+        self.count = count
 
     def observed(self, on_wait: WaitCallback | None) -> Sender:
         """The same sender, telling ``on_wait`` how long each wait will be."""
-        return Sender(self.boundary, self.scheduler, self.retry, self.rng, on_wait)
+        return Sender(self.boundary, self.scheduler, self.retry, self.rng, on_wait, self.count)
+
+    def counted(self, count: SendCount) -> Sender:
+        """The same sender, adding each request that leaves this machine to ``count``."""
+        return Sender(self.boundary, self.scheduler, self.retry, self.rng, self.on_wait, count)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]], *, what: str) -> T:
         """Run ``attempt`` until it succeeds or the policy gives up; the only retry loop.
@@ -97,7 +111,11 @@ class Sender:
                 response = await self.boundary.send(request)
             except TransportError as error:
                 ticket.outcome = Outcome.NOT_SENT if error.never_sent else Outcome.UNKNOWN
+                if not error.never_sent and self.count is not None:
+                    self.count.sent += 1
                 raise
+            if self.count is not None:
+                self.count.sent += 1
             code = response.status_code
             if code < 400:
                 outcome = Outcome.ACCEPTED
@@ -123,10 +141,16 @@ class Sender:
         """``exchange`` under the retry loop."""
         return await self.retrying(lambda: self.exchange(kind, build, handle), what=what)
 
-    async def call_json(self, kind: RequestKind, build: Callable[[], Request], *, what: str) -> Any:
-        """``call`` that returns the parsed JSON body."""
+    async def exchange_json(
+        self, kind: RequestKind, build: Callable[[], Request], *, what: str
+    ) -> Any:
+        """``exchange`` that returns the parsed JSON body: one attempt, no retry."""
 
         async def read_json(response: Response) -> Any:
             return parse_json(response, await self.boundary.read(response), what=what)
 
-        return await self.call(kind, build, read_json, what=what)
+        return await self.exchange(kind, build, read_json)
+
+    async def call_json(self, kind: RequestKind, build: Callable[[], Request], *, what: str) -> Any:
+        """``call`` that returns the parsed JSON body."""
+        return await self.retrying(lambda: self.exchange_json(kind, build, what=what), what=what)

@@ -16,6 +16,7 @@ import attrs
 
 from ._api import Api
 from ._config import Limits
+from ._create import create_by_upload
 from ._exceptions import AmplitudeError, InvalidRequestError, PartialWriteError
 from ._models import (
     IdType,
@@ -27,7 +28,8 @@ from ._models import (
     UploadResult,
     coerce_enum,
 )
-from ._validate import require_bool, require_text
+from ._send import SendCount
+from ._validate import require_bool, require_encodable_each, require_id, require_text
 
 __all__ = ("Uploader", "collect_ids", "membership_body", "pack")
 
@@ -65,6 +67,7 @@ def _dedupe(values: Iterable[Any], limit: int) -> tuple[list[str], int]:
             or min(map(len, map(str.strip, distinct))) == 0):
         for position, value in enumerate(items):
             _check_id(value, position)
+    require_encodable_each(items, "ids")
     if len(distinct) > limit:
         raise InvalidRequestError(
             f"more than {limit:,} distinct ids (max_cohort_size); split the cohort"
@@ -229,7 +232,8 @@ class Uploader:
         require_bool(skip_save, "skip_save")
         require_bool(skip_invalid_ids, "skip_invalid_ids")
         cg = _optional_text(cg, "cg")
-        existing_cohort_id = _optional_text(existing_cohort_id, "existing_cohort_id")
+        if existing_cohort_id is not None:
+            existing_cohort_id = require_id(existing_cohort_id, "existing_cohort_id")
         check_open()
         unique, duplicates = await collect_ids(ids, self.limits.max_cohort_size)
         chunks = pack([unique], self.limits.max_ids_per_request)
@@ -246,30 +250,60 @@ class Uploader:
                 body["existing_cohort_id"] = existing_cohort_id
             return body
 
+        count = SendCount()
+        api = self.api.counted(count)
+        creating = existing_cohort_id is None and not skip_save
         cohort_id: str | None = None  # known once the first /upload answers
         matched = totals = 0
         invalid: list[str] = []
 
-        async def send(chunk: Chunk) -> None:
-            nonlocal cohort_id, matched, totals
-            ((_, ids),) = chunk.pieces
-            if cohort_id is None or skip_save:
-                wire = await self.api.upload(upload_body(ids))
-                if cohort_id is None:
-                    cohort_id = wire.cohort_id
-                matched += wire.metadata.matched
-                totals += wire.metadata.totals
-                invalid.extend(wire.metadata.invalid_ids_sample)
-                return
+        async def add_members(ids: Sequence[str]) -> None:
+            """ADD ``ids`` to the cohort: the same when sent twice, so retried as any request."""
+            nonlocal matched, totals
+            assert cohort_id is not None
             body = membership_body(
                 cohort_id, [(ids, _ID_TYPE_FOR_MEMBERSHIP[kind], Operation.ADD)],
                 cg, skip_invalid_ids,
             )
-            membership = await self.api.membership(body)
+            membership = await api.membership(body)
             skipped = [s for r in membership.memberships_result for s in r.skipped_ids]
             matched += len(ids) - len(skipped)
             totals += len(ids)
             invalid.extend(skipped)
+
+        async def adopt(ids: Sequence[str]) -> None:
+            """The lost upload made the cohort with ``ids``: ADD them again to learn which
+            matched. If that fails, the cohort exists all the same: a partial write."""
+            try:
+                await add_members(ids)
+            except AmplitudeError as error:
+                rest = [i for chunk in chunks[1:] for _, piece in chunk.pieces for i in piece]
+                raise PartialWriteError(
+                    f"upload created cohort {cohort_id} (its answer was lost), but the ADD "
+                    f"that counts its first {len(ids):,} ids failed: {error}",
+                    cohort_id=cohort_id, applied_chunks=1, total_chunks=len(chunks),
+                    applied_ids=len(ids), pending_ids=[rest],
+                ) from error
+
+        async def send(chunk: Chunk) -> None:
+            nonlocal cohort_id, matched, totals
+            ((_, ids),) = chunk.pieces
+            if cohort_id is not None and not skip_save:
+                await add_members(ids)
+                return
+            if creating:  # the first chunk makes the cohort: never twice (see _create.py)
+                created = await create_by_upload(api, upload_body(ids))
+                cohort_id = created.cohort_id
+                if created.answer is None:
+                    await adopt(ids)
+                    return
+                wire = created.answer
+            else:  # replacing a cohort's members or validating only: the same if sent twice
+                wire = await api.upload(upload_body(ids))
+                cohort_id = cohort_id or wire.cohort_id
+            matched += wire.metadata.matched
+            totals += wire.metadata.totals
+            invalid.extend(wire.metadata.invalid_ids_sample)
 
         await _apply_in_order(
             chunks, send,
@@ -280,7 +314,7 @@ class Uploader:
         return UploadResult(
             cohort_id=cohort_id, matched=matched, totals=totals,
             invalid_ids_sample=invalid[:_SAMPLE_LIMIT], duplicates_removed=duplicates,
-            requests_sent=len(chunks),
+            requests_sent=count.sent,
         )
 
     # -- membership -------------------------------------------------------------------------
@@ -293,7 +327,7 @@ class Uploader:
         skip_invalid_ids: Any,
         check_open: Callable[[], None],
     ) -> MembershipResult:
-        require_text(cohort_id, "cohort_id")
+        require_id(cohort_id, "cohort_id")
         count_group = _optional_text(count_group, "count_group")
         require_bool(skip_invalid_ids, "skip_invalid_ids")
         if isinstance(memberships, MembershipChange) or not isinstance(memberships, Sequence):
@@ -313,6 +347,8 @@ class Uploader:
             changes.append((unique, change.id_type, change.operation))
         check_open()
 
+        count = SendCount()
+        api = self.api.counted(count)
         chunks = pack([ids for ids, _, _ in changes], self.limits.max_ids_per_request)
         skipped: list[list[str]] = [[] for _ in changes]
 
@@ -322,7 +358,7 @@ class Uploader:
                 [(piece, changes[i][1], changes[i][2]) for i, piece in chunk.pieces],
                 count_group, skip_invalid_ids,
             )
-            wire = await self.api.membership(body)
+            wire = await api.membership(body)  # ADD and REMOVE: the same if sent twice
             for (index, _piece), outcome in zip(chunk.pieces, wire.memberships_result,
                                                 strict=False):
                 skipped[index].extend(outcome.skipped_ids)
@@ -337,5 +373,5 @@ class Uploader:
                 MembershipOutcome(skipped_ids=skipped[i], id_type=kind, operation=op)
                 for i, (_ids, kind, op) in enumerate(changes)
             ],
-            requests_sent=len(chunks),
+            requests_sent=count.sent,
         )

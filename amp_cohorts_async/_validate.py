@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,8 @@ __all__ = (
     "export_options",
     "path_segment",
     "require_bool",
+    "require_encodable",
+    "require_encodable_each",
     "require_id",
     "require_text",
     "text_path",
@@ -25,11 +28,45 @@ MAX_ID_LENGTH = 1024
 
 
 def require_text(value: Any, name: str) -> str:
+    """Non-blank text that can be sent (see ``require_encodable``)."""
     if not isinstance(value, str):
         raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise InvalidRequestError(f"{name} must not be empty")
-    return value
+    return require_encodable(value, name)
+
+
+def _describe(character: str) -> str:
+    code = ord(character)
+    if 0xDC80 <= code <= 0xDCFF:  # how surrogateescape keeps a byte that was not UTF-8
+        return f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8"
+    return f"a lone surrogate U+{code:04X}"
+
+
+def require_encodable(text: str, name: str) -> str:
+    """``text`` if it can be sent as UTF-8, in a URL, a header or a JSON body.
+
+    Python keeps bytes that were not UTF-8 (in command-line arguments, environment variables,
+    file names) as lone surrogates, which no request can carry. The message names the place,
+    never the text: it may be a key.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{name} is not valid text: character {exc.start + 1} is {_describe(text[exc.start])}"
+        ) from None
+    return text
+
+
+def require_encodable_each(values: Sequence[str], name: str) -> None:
+    """``require_encodable`` for each of many strings (``name[i]``), at C speed when all pass:
+    only the non-ASCII ones are encoded, and only a failure is looked for one by one."""
+    try:
+        "".join(itertools.filterfalse(str.isascii, values)).encode("utf-8")
+    except UnicodeEncodeError:
+        for position, value in enumerate(values):
+            require_encodable(value, f"{name}[{position}]")
 
 
 def require_bool(value: Any, name: str) -> bool:

@@ -62,7 +62,6 @@ ARGUMENT_CASES: list[tuple[str, Call]] = [
     ("batch None", lambda c, d: c.download_cohorts(None, d)),  # type: ignore[arg-type]
     ("batch one string", lambda c, d: c.download_cohorts("abc", d)),
     ("batch None id", lambda c, d: c.download_cohorts([None], d)),  # type: ignore[list-item]
-    ("batch empty id", lambda c, d: c.download_cohorts(["ok", ""], d)),
     ("batch uncreatable dir", lambda c, d: c.download_cohorts(["c"], "/proc/no-such/dir")),
     ("batch dir int", lambda c, d: c.download_cohorts(["c"], 3)),  # type: ignore[arg-type]
     ("batch resume text", lambda c, d: c.download_cohorts(["c"], d, resume="no")),  # type: ignore[arg-type]
@@ -242,7 +241,9 @@ HOSTILE_ANSWERS: list[tuple[str, str, Answer, type[Exception]]] = [
      amp.DownloadError),
     ("unknown encoding", "file", (200, {"Content-Encoding": "br"}, CSV), amp.DownloadError),
     ("206 without Content-Range", "file", (206, {}, CSV), amp.DownloadError),
-    ("upload answer of the wrong shape", "upload", (200, {}, b"{}"), amp.ResponseValidationError),
+    # A 2xx upload answer that cannot be read: Amplitude acted, so the cohort list is read to
+    # find what it made; here the list answers {} too, so whether a cohort exists is unknown.
+    ("upload answer of the wrong shape", "upload", (200, {}, b"{}"), amp.UncertainUploadError),
     ("membership answer of the wrong shape", "membership",
      (200, {}, b'{"cohort_id": "c", "memberships_result": "no"}'), amp.ResponseValidationError),
 ]

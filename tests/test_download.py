@@ -394,7 +394,7 @@ async def test_bad_batch_arguments(client: amp.CohortsClient, fake: FakeAmplitud
                                    tmp_path: pathlib.Path) -> None:
     for call in (
         lambda: client.download_cohorts("small", tmp_path),
-        lambda: client.download_cohorts(["ok", ""], tmp_path),
+        lambda: client.download_cohorts(["ok", None], tmp_path),  # type: ignore[list-item]
         lambda: client.download_cohorts(["small"], "/proc/no-such-dir"),
         lambda: client.download_cohorts(["small"], tmp_path, prop_keys=["x"]),
     ):

@@ -18,7 +18,8 @@ API_MD_NAMES = {
 }
 # Additions beyond API.md, documented in the README.
 EXTENSIONS = {"PartialWriteError", "DiskError", "DownloadPolicy", "InMemoryLimits",
-              "LimitsBackendError", "Permit", "PermitRequest", "PermitWait", "Settlement"}
+              "LimitsBackendError", "Permit", "PermitRequest", "PermitWait", "Settlement",
+              "UncertainUploadError"}
 
 
 def test_all_is_exactly_the_documented_names() -> None:
@@ -38,7 +39,7 @@ def test_error_tree() -> None:
     assert issubclass(amp.DiskError, amp.DownloadError)
     for cls in (amp.InvalidRequestError, amp.TransportError, amp.APIStatusError,
                 amp.ResponseValidationError, amp.QuotaExceededError, amp.CohortJobError,
-                amp.DownloadError, amp.PartialWriteError):
+                amp.DownloadError, amp.PartialWriteError, amp.UncertainUploadError):
         assert issubclass(cls, amp.AmplitudeError)
 
 

@@ -18,7 +18,7 @@ from .._diff import diff_members
 from .._exceptions import InvalidRequestError, NotFoundError
 from .._models import Cohort, CohortOutcome, DownloadResult, MembershipChange, Operation
 from .._store import DirectoryStore, Plan
-from .._validate import export_options
+from .._validate import export_options, require_id
 from ._live import ProgressView
 from ._output import is_tty, plural, print_json, report, summary, sync_summary
 
@@ -98,7 +98,10 @@ async def cmd_download(client: CohortsClient, args: argparse.Namespace, out: IO[
     elif not args.cohort_ids:
         raise InvalidRequestError("name at least one cohort id, or --all")
     else:
-        targets = list(args.cohort_ids)
+        # The library would fail such an id alone and fetch the others; a command line with
+        # one is a mistake to fix before anything is spent.
+        targets = [require_id(c, f"cohort id {position + 1}")
+                   for position, c in enumerate(args.cohort_ids)]
     ids = [t.id if isinstance(t, Cohort) else t for t in targets]
     props = args.props or bool(args.prop_key)
     info = sys.stderr if args.json else out  # with --json, stdout carries only the JSON

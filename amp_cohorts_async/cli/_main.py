@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import pathlib
 import sys
@@ -205,6 +206,10 @@ async def run(args: argparse.Namespace, out: IO[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out = sys.stdout
+    if isinstance(out, io.TextIOWrapper):
+        # A cohort name the terminal's encoding lacks, or a path holding a byte that was not
+        # UTF-8, is shown escaped rather than failing a command that has done its work.
+        out.reconfigure(errors="backslashreplace")
     try:
         code = asyncio.run(run(args, out))
     except KeyboardInterrupt:

@@ -97,6 +97,9 @@ class Fault:
     retry_after: float | None = None
     after_bytes: int = 0
     delay: float = 0.0
+    #: ``status`` only: act on the request first, then answer the error (an answer lost after
+    #: the server acted, as a proxy's 502 or a crash before the reply would).
+    after_acting: bool = False
 
 
 @attrs.define
@@ -121,6 +124,12 @@ def _error(status: int, kind: str, message: str, metadata: Any = None,
     body = {"error": {"http_code": status, "type": kind, "message": message,
                       "metadata": metadata or {}}}
     return _json(status, body, headers)
+
+
+def _injected(fault: Fault) -> FakeResponse:
+    headers = [] if fault.retry_after is None else [("Retry-After", f"{fault.retry_after:g}")]
+    return _error(fault.status, "injected_fault", f"injected HTTP {fault.status}",
+                  headers=headers)
 
 
 def _json(status: int, data: Any, headers: Sequence[tuple[str, str]] = ()) -> FakeResponse:
@@ -263,19 +272,22 @@ class FakeAmplitude:
 
     def inject(self, endpoint: Endpoint, kind: FaultKind = "status", *, times: int = 1,
                status: int = 500, retry_after: float | None = None, after_bytes: int = 0,
-               delay: float = 0.0) -> None:
+               delay: float = 0.0, after_acting: bool = False) -> None:
         """Make the next ``times`` calls of ``endpoint`` misbehave.
 
         ``status``: answer ``status`` (429 with ``retry_after``); ``cut``: drop the connection
         after ``after_bytes`` of the body; ``truncate``: end the body after ``after_bytes``
         though Content-Length promised more; ``slow``: sleep ``delay`` before each chunk;
         ``expired_link`` (on ``file``): hand out an S3 link that has already expired.
+        ``after_acting`` (with ``status``): do what the request asks, then answer ``status``
+        instead of the result. ``cut`` and ``truncate`` always act first: the answer is lost
+        on its way back.
         """
         if endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint {endpoint!r}; one of {ENDPOINTS}")
         queue = self._faults.setdefault(endpoint, deque())
         for _ in range(times):
-            queue.append(Fault(kind, status, retry_after, after_bytes, delay))
+            queue.append(Fault(kind, status, retry_after, after_bytes, delay, after_acting))
 
     def random_faults(self, rate: float, *, seed: int = 0) -> None:
         """Fault a ``rate`` share of all answers at random (after any injected ones).
@@ -425,12 +437,8 @@ class FakeAmplitude:
     async def _dispatch(self, endpoint: str, request: FakeRequest) -> FakeResponse:
         queue = self._faults.get(endpoint)
         fault = queue.popleft() if queue else self._random_fault(endpoint)
-        if fault is not None and fault.kind == "status":
-            headers = []
-            if fault.retry_after is not None:
-                headers.append(("Retry-After", f"{fault.retry_after:g}"))
-            return _error(fault.status, "injected_fault", f"injected HTTP {fault.status}",
-                          headers=headers)
+        if fault is not None and fault.kind == "status" and not fault.after_acting:
+            return _injected(fault)
         if endpoint == "s3":
             response = await self._s3(request)
         elif endpoint == "unknown":
@@ -445,6 +453,8 @@ class FakeAmplitude:
             if (fault.kind in ("cut", "truncate") and endpoint == "request"
                     and response.status == 202):
                 self.acted_answers_lost += 1
+            if fault.kind == "status":  # after acting: the result is lost
+                return _injected(fault)
             if fault.kind == "cut":
                 response.cut_after = fault.after_bytes
             elif fault.kind == "truncate":
@@ -654,6 +664,8 @@ class FakeAmplitude:
                                              group_type=data.get("cg"))
                     cohort.owners = [data["owner"]]
                     cohort.published = bool(data["published"])
+                    cohort.app_id = data["app_id"]
+                    cohort.created_at = int(self.wall_clock().timestamp())
                     cohort.replace(members)
         return _json(200, {"cohortId": target, "metadata": {
             "matched": len(valid), "totals": len(ids), "invalid_ids_sample": invalid[:10]}})
