@@ -53,8 +53,8 @@ from ._upload import Uploader
 from ._validate import (
     export_options,
     require_bool,
-    require_encodable,
     require_id,
+    require_key,
     require_text,
     text_path,
 )
@@ -76,9 +76,7 @@ def _credential(value: str | None, env: str, name: str) -> str:
         value = os.environ.get(env)
     if value is None:
         raise InvalidRequestError(f"{name} is required (pass it or set {env})")
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidRequestError(f"{name} must be a non-empty string")
-    return require_encodable(value, name)
+    return require_key(value, name)
 
 
 def _progress_callback(value: Any) -> ProgressCallback | None:

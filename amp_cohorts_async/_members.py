@@ -133,7 +133,9 @@ async def iter_member_batches(
         text = await anyio.to_thread.run_sync(_open_text, name)
     try:
         with unreadable_as_errors(name):
-            reader = filter(None, csv.reader(text))  # blank lines dropped
+            # strict: a quoted field cut by the end of the file (a truncated copy) is an error,
+            # not a member whose id ends in a line break.
+            reader = filter(None, csv.reader(text, strict=True))  # blank lines dropped
             header = next(reader, None)
             if header is None:
                 return

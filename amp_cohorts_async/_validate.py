@@ -18,6 +18,7 @@ __all__ = (
     "require_encodable",
     "require_encodable_each",
     "require_id",
+    "require_key",
     "require_text",
     "text_path",
     "text_sequence",
@@ -85,6 +86,27 @@ def require_id(value: Any, name: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         raise InvalidRequestError(f"{name} must not contain control characters")
     return text
+
+
+def require_key(value: Any, name: str) -> str:
+    """An API key or secret key. Messages name the key, never show it.
+
+    A key copied with a line break or a space around it, or holding a control character, would
+    only be refused by Amplitude as a bad key (401); a ``:`` in the API key would move the
+    split of the Basic token (RFC 7617: the user-id part cannot hold one).
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequestError(f"{name} must be a non-empty string")
+    require_encodable(value, name)
+    if value != value.strip():
+        raise InvalidRequestError(f"{name} has a space or line break around it (copied with "
+                                  "it?); pass the key alone")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidRequestError(f"{name} must not contain control characters")
+    if name == "api_key" and ":" in value:
+        raise InvalidRequestError("api_key must not contain ':' (it separates the keys in the "
+                                  "Basic token)")
+    return value
 
 
 def path_segment(text: str) -> str:

@@ -46,6 +46,7 @@ from ._limits import (
     ReleaseSignal,
     Settlement,
 )
+from ._validate import require_encodable
 
 try:
     import redis.asyncio as aioredis
@@ -290,6 +291,7 @@ class RedisLimits:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise InvalidRequestError("the limits URL must start with redis://, rediss:// or "
                                       "unix://")
+        require_encodable(url, "the limits URL")
         try:
             client = aioredis.Redis.from_url(
                 url, socket_connect_timeout=5.0, socket_timeout=10.0, decode_responses=True

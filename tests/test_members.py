@@ -211,3 +211,19 @@ async def test_bad_batch_sizes(tmp_path: pathlib.Path, bad: object) -> None:
     with pytest.raises(amp.InvalidRequestError):
         async for _ in amp.iter_member_batches(path, batch_rows=bad):  # type: ignore[arg-type]
             pass
+
+
+@pytest.mark.parametrize("cut", [
+    b'"amplitude_id","user_id"\n"1","a"\n"2","b',
+    b'"amplitude_id","user_id"\n"1","a"\n"2',
+    b'"amplitude_id","user_id"\n"1","a\n',
+], ids=["in the last field", "in the first field", "before the closing quote"])
+async def test_a_file_cut_inside_a_quoted_field_is_an_error(
+    tmp_path: pathlib.Path, cut: bytes
+) -> None:
+    """A truncated copy ends inside a quote (every field of an export is quoted); read as
+    is, its last member would carry a cut id or one that ends in a line break."""
+    path = tmp_path / "cut.csv"
+    path.write_bytes(cut)
+    with pytest.raises(amp.ResponseValidationError, match="not a readable cohort export"):
+        await rows_of(path)

@@ -170,3 +170,26 @@ async def test_the_command_line_prints_what_its_terminal_cannot_encode_escaped(
     assert b"\\udcffdir" in results[0].stdout
     assert b"Z\\xfcrich \\u6771\\u4eac" in results[1].stdout
     assert (pathlib.Path(os.fsdecode(out)) / "small.csv").exists()
+
+
+def test_a_limits_url_that_cannot_be_sent() -> None:
+    from amp_cohorts_async.redis import RedisLimits
+
+    with pytest.raises(amp.InvalidRequestError, match="the limits URL is not valid text"):
+        RedisLimits.from_url(f"redis://{BAD}:6379/0")
+
+
+@pytest.mark.parametrize(("api_key", "secret_key", "message"), [
+    ("key-AAAA:1111", "secret-BBBB", "api_key must not contain ':'"),
+    ("key-AAAA1111", "secret-BBBB\n", "secret_key has a space or line break around it"),
+    (" key-AAAA1111", "secret-BBBB", "api_key has a space or line break around it"),
+    ("key-AAAA1111", "secret\x00BBBB", "secret_key must not contain control characters"),
+], ids=["colon in the api key", "secret read with its newline", "leading space",
+        "NUL in the secret"])
+def test_keys_that_amplitude_could_only_refuse(
+    api_key: str, secret_key: str, message: str
+) -> None:
+    with pytest.raises(amp.InvalidRequestError, match=message) as caught:
+        amp.CohortsClient(api_key, secret_key)
+    for part in ("AAAA", "1111", "BBBB"):
+        assert part not in str(caught.value)
