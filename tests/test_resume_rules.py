@@ -113,3 +113,20 @@ async def test_a_journal_request_is_not_reused_when_the_status_names_no_cohort(
     assert requested == ["c1"]
     assert fetched == ["r-new"]
     assert "not reusing request r-old" in caplog.text
+
+
+async def test_a_journal_behind_a_link_is_never_read(tmp_path: pathlib.Path) -> None:
+    """A batch sets a linked journal aside before reading it; the read itself (also used to
+    look before deciding, and racing a link planted after that check) must not follow one."""
+    from amp_cohorts_async._store import JOURNAL_NAME, DirectoryStore
+
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"version": 1, "entries": {"c1": {
+        "cohort_id": "c1", "request_id": "r-planted",
+        "requested_at": datetime.now(UTC).isoformat(), "file": None, "size_bytes": None,
+        "sha256": None, "members": None}}}))
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    (batch / JOURNAL_NAME).symlink_to(outside)
+    assert await DirectoryStore(batch).load(set_aside=False) == {}
+    assert (batch / JOURNAL_NAME).is_symlink()  # a look changes nothing
