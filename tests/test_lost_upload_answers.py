@@ -139,3 +139,13 @@ async def test_a_read_timeout_after_acting_over_real_sockets(fake: FakeAmplitude
             result = await client.upload_cohort(**BASE, ids=IDS)
     assert named(fake) == [result.cohort_id]
     assert fake.member_ids(result.cohort_id) == set(IDS)
+
+
+async def test_membership_requests_sent_counts_the_retries(fake: FakeAmplitude) -> None:
+    fake.add_cohort("target", size=0, members=[])
+    fake.inject("membership", "status", status=503)
+    async with client_for(fake) as client:
+        result = await client.update_membership("target", [amp.MembershipChange(
+            ids=IDS, id_type="BY_NAME", operation="ADD")])
+    assert result.requests_sent == 2 == len(fake.log)
+    assert fake.member_ids("target") == set(IDS)
