@@ -193,3 +193,16 @@ def test_keys_that_amplitude_could_only_refuse(
         amp.CohortsClient(api_key, secret_key)
     for part in ("AAAA", "1111", "BBBB"):
         assert part not in str(caught.value)
+
+
+async def test_in_a_sync_it_fails_that_cohort_only(
+    fake: FakeAmplitude, tmp_path: pathlib.Path
+) -> None:
+    fake.job_duration = 0.0
+    async with amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(),
+                                 poll=amp.PollPolicy(initial_interval=0.01)) as client:
+        report = await client.sync_cohorts([BAD, "small"], tmp_path)
+    assert [(e.cohort_id, e.action) for e in report.entries] == [(BAD, "failed"),
+                                                                  ("small", "downloaded")]
+    assert isinstance(report.entries[0].error, amp.InvalidRequestError)
+    assert fake.cohort_requests == 1
