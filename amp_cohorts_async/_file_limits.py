@@ -18,6 +18,12 @@ quota month all use it, so a run started after another sees the requests the pre
 so the slots of a killed process come back within ``lease_ttl``; its cohort requests in flight
 count as answered when their lease ran out.
 
+A file deleted or replaced while in use (a cleared cache) is a state loss, as a Redis flush
+is: each process notices at its next call (the inode at the path changed), counts it in
+``state_losses``, logs a WARNING and moves to the new file, where no new cohort request is
+granted for the longest window and no new slot for one ``lease_ttl``, while the holders
+re-assert their leases there.
+
 The default file is one per app in the user's cache directory (``$XDG_CACHE_HOME`` or
 ``~/.cache``), named by the hash of the API key the client derives, never the key. SQLite's
 locking needs a local file system: do not put the file on NFS.
@@ -25,6 +31,7 @@ locking needs a local file system: do not put the file on NFS.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pathlib
@@ -55,6 +62,8 @@ from ._limits import (
 )
 
 __all__ = ("FileLimits", "default_limits_path")
+
+logger = logging.getLogger("amp_cohorts_async")
 
 T = TypeVar("T")
 
@@ -116,9 +125,14 @@ class FileLimits:
         self._app: str | None = None
         self._longest = 0.0
         self._connection: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
         self._lock = threading.Lock()  # one transaction at a time on the one connection
         self._released = ReleaseSignal()
         self._reported: set[str] = set()
+        self._live: set[str] = set()  # granted here and not released yet
+        self._from_before_loss: set[str] = set()
+        self._losses_found = 0  # counted by the worker thread, taken up by ``_run``
+        self._loss_in_this_transaction = False
 
     @property
     def path(self) -> pathlib.Path | None:
@@ -164,12 +178,22 @@ class FileLimits:
     # -- the database -------------------------------------------------------------------
     async def _run(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
         """``work(connection, now)`` as one write transaction, in a worker thread."""
-        return await anyio.to_thread.run_sync(self._transaction, work)
+        result = await anyio.to_thread.run_sync(self._transaction, work)
+        if self._losses_found > self.state_losses:
+            self.state_losses = self._losses_found
+            # What this process held lives on only in its own memory: its holders re-assert
+            # it (renew), and it is neither reported lost nor refunded into the new count.
+            self._from_before_loss |= self._live
+            logger.warning(
+                "the shared limits file %s was deleted or replaced while in use: no new cohort "
+                "request for %.0f s, no new slot for %.0f s", self._path, self._longest,
+                self._ttl())
+        return result
 
     def _transaction(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
         with self._lock:
             try:
-                connection = self._connection or self._open()
+                connection = self._current_connection()
                 connection.execute("BEGIN IMMEDIATE")
                 try:
                     # Read after the write lock is held: decisions are ordered as transactions.
@@ -199,6 +223,30 @@ class FileLimits:
             f"never falls back to per-process limits)"
         )
 
+    def _current_connection(self) -> sqlite3.Connection:
+        """The connection to the file at the path now; a new file there is a state loss."""
+        self._loss_in_this_transaction = False
+        if self._connection is None:
+            return self._open()
+        if _identity(self._path) == self._identity:
+            return self._connection
+        # Deleted or replaced (a cleared cache): the others now share a new file that knows
+        # nothing of what was granted before, so it must wait as after a Redis flush.
+        self._connection.close()
+        self._connection = None
+        connection = self._open()
+        now = time.time()
+        connection.execute("BEGIN IMMEDIATE")
+        for key, until in (("cohorts_held_until", now + self._longest + WINDOW_EDGE),
+                           ("slots_held_until", now + self._ttl())):
+            connection.execute(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
+                "max(CAST(value AS REAL), CAST(excluded.value AS REAL))", (key, until))
+        connection.execute("COMMIT")
+        self._losses_found += 1
+        self._loss_in_this_transaction = True
+        return connection
+
     def _open(self) -> sqlite3.Connection:
         path = self._path
         if path is None or self._limits is None:
@@ -225,6 +273,7 @@ class FileLimits:
             connection.close()
             raise
         self._connection = connection
+        self._identity = _identity(path)
         return connection
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
@@ -274,10 +323,14 @@ class FileLimits:
             self._expire_leases(db, now)
             db.execute("DELETE FROM answered WHERE at <= ?",
                        (now - self._longest - WINDOW_EDGE,))
+            holds = dict(db.execute("SELECT key, CAST(value AS REAL) FROM meta WHERE key IN "
+                                    "('slots_held_until', 'cohorts_held_until')").fetchall())
             if request.slot:
                 paused = db.execute("SELECT until FROM pause").fetchone()
                 if paused is not None and paused[0] > now:
                     return PermitWait(paused[0] - now, "pause")
+                if (held := holds.get("slots_held_until", 0.0) - now) > 0:
+                    return PermitWait(held, "slots")
                 if _count(db, "slots") >= limits.max_concurrent_requests:
                     return PermitWait(math.inf, "slots")
             month = _month_at(now) if request.cohort else ""
@@ -288,7 +341,8 @@ class FileLimits:
                         f"monthly cohort-request quota reached: {used} of {request.quota} "
                         f"used in {month} (shared in {self._path})"
                     )
-                wait = self._window_wait(db, now, limits)
+                wait = max(self._window_wait(db, now, limits),
+                           holds.get("cohorts_held_until", 0.0) - now)
                 if wait > 0:
                     return PermitWait(wait, "window")
             expires = now + self._ttl()
@@ -300,7 +354,10 @@ class FileLimits:
                 db.execute("INSERT INTO in_flight VALUES (?, ?)", (token, expires))
             return Permit(token, request.slot, request.cohort, month)
 
-        return await self._run(grant)
+        result = await self._run(grant)
+        if isinstance(result, Permit):
+            self._live.add(result.token)
+        return result
 
     def _window_wait(self, db: sqlite3.Connection, now: float, limits: Limits) -> float:
         stamps = [at for (at,) in db.execute("SELECT at FROM answered ORDER BY at")]
@@ -321,29 +378,38 @@ class FileLimits:
         stamp = settlement is not None and settlement.stamp
         refund = settlement is not None and settlement.refund
 
-        def give_back(db: sqlite3.Connection, now: float) -> int:
-            lost = 0
+        def give_back(db: sqlite3.Connection, now: float) -> list[str]:
+            lost = []
             for permit in permits:
-                if permit.slot:
-                    lost += _delete(db, "slots", permit.token) == 0
+                before_loss = (self._loss_in_this_transaction
+                               or permit.token in self._from_before_loss)
+                if permit.slot and not _delete(db, "slots", permit.token):
+                    lost.append(permit.token)
                 if permit.cohort:
-                    lost += _delete(db, "in_flight", permit.token) == 0
+                    if not _delete(db, "in_flight", permit.token):
+                        lost.append(permit.token)
                     # Stamped now, a little after its answer arrived: on the safe side.
                     if stamp:
                         db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?)",
                                    (permit.token, now))
                     else:
                         _delete(db, "answered", permit.token)
-                    if refund:
+                    if refund and not before_loss:  # its unit is not in the count after a loss
                         db.execute("UPDATE quota SET used = max(used - 1, 0) WHERE month = ?",
                                    (permit.month,))
             return lost
 
-        lost = await self._run(give_back)
+        lost = self._newly_lost(await self._run(give_back))
         self._released.fire()
-        already = sum(1 for p in permits if p.token in self._reported)
-        self._reported.difference_update(p.token for p in permits)
-        return max(0, lost - already)
+        tokens = {p.token for p in permits}
+        self._reported -= tokens
+        self._live -= tokens
+        self._from_before_loss -= tokens
+        return len(lost)
+
+    def _newly_lost(self, tokens: list[str]) -> list[str]:
+        """Leases found expired while held, less those reported before or lost with the file."""
+        return [t for t in tokens if t not in self._reported and t not in self._from_before_loss]
 
     async def renew(self, permits: Sequence[Permit]) -> int:
         def extend(db: sqlite3.Connection, now: float) -> list[str]:
@@ -364,7 +430,7 @@ class FileLimits:
                     lost.append(permit.token)
             return lost
 
-        fresh = [token for token in await self._run(extend) if token not in self._reported]
+        fresh = self._newly_lost(await self._run(extend))
         self._reported.update(fresh)
         return len(fresh)
 
@@ -436,6 +502,14 @@ def _quota(db: sqlite3.Connection, month: str) -> int:
 
 def _delete(db: sqlite3.Connection, table: str, token: str) -> int:
     return int(db.execute(f"DELETE FROM {table} WHERE token = ?", (token,)).rowcount)
+
+
+def _identity(path: pathlib.Path | None) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path) if path is not None else None
+    except FileNotFoundError:
+        return None
+    return None if found is None else (found.st_dev, found.st_ino)
 
 
 def _require_regular_or_missing(path: pathlib.Path, error: type[Exception]) -> None:

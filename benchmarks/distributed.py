@@ -1,4 +1,4 @@
-"""Shared limits on Redis: round trips per grant, grant latency, and a 4-process batch.
+"""Shared limits on Redis and in a file: round trips, grant latency, and a 4-process batch.
 
     python benchmarks/distributed.py [--runs 5] [--redis-url redis://...]
 
@@ -7,8 +7,10 @@ Starts its own redis-server on a free loopback port unless --redis-url is given.
 1. Redis round trips per granted request, uncontended: plain calls (list, poll, file) and
    cohort requests, and over a whole batch (all exchanges of 20 downloads).
 2. Grant latency p50/p99 of one permit (acquire + release around an empty exchange), Redis
-   against the in-memory backend, medians of alternating runs.
-3. Makespan / lower bound of 4 processes x 50 cohorts sharing the limits, in time scaled by
+   and FileLimits (SQLite, in a temporary directory) against the in-memory backend, medians
+   of alternating runs.
+3. Makespan / lower bound of 4 processes x 50 cohorts sharing the limits on Redis, then in
+   one FileLimits file (alternating runs), in time scaled by
    1/60 (60 per 10 s, 4 per 1 s, 5 concurrent; jobs 0.33-2 s), against the emulator served on
    loopback; the lower bound is the earliest start schedule the windows allow with the longest
    jobs first, plus each job's duration. Violations and 429s are counted by the emulator.
@@ -138,33 +140,46 @@ async def grant_latencies(backend: amp.LimitsBackend, count: int) -> list[float]
         return samples
 
 
+def shared_backend(kind: str, url: str, directory: str) -> RedisLimits | amp.FileLimits:
+    """A fresh store of ``kind``: a new namespace on Redis, or a new file in ``directory``."""
+    if kind == "file":
+        return amp.FileLimits(pathlib.Path(directory) / f"{uuid.uuid4().hex}.sqlite3")
+    return RedisLimits.from_url(url, namespace=uuid.uuid4().hex)
+
+
 async def latency(url: str, runs: int) -> None:
     print("2. grant latency of one permit (acquire + release), medians of alternating runs")
-    p50: dict[str, list[float]] = {"memory": [], "redis": []}
-    p99: dict[str, list[float]] = {"memory": [], "redis": []}
-    for _ in range(runs):
-        for name in ("memory", "redis"):
-            if name == "memory":
-                samples = await grant_latencies(amp.InMemoryLimits(), 2000)
-            else:
-                async with RedisLimits.from_url(url, namespace=uuid.uuid4().hex) as backend:
-                    await grant_latencies(backend, 50)  # scripts loaded, connection open
-                    samples = await grant_latencies(backend, 2000)
-            cuts = statistics.quantiles(samples, n=100)
-            p50[name].append(cuts[49])
-            p99[name].append(cuts[98])
-    for name in ("memory", "redis"):
+    names = ("memory", "redis", "file")
+    p50: dict[str, list[float]] = {name: [] for name in names}
+    p99: dict[str, list[float]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as directory:
+        for _ in range(runs):
+            for name in names:
+                if name == "memory":
+                    samples = await grant_latencies(amp.InMemoryLimits(), 2000)
+                else:
+                    async with shared_backend(name, url, directory) as backend:
+                        await grant_latencies(backend, 50)  # connection open, file created
+                        samples = await grant_latencies(backend, 2000)
+                cuts = statistics.quantiles(samples, n=100)
+                p50[name].append(cuts[49])
+                p99[name].append(cuts[98])
+    for name in names:
         print(f"   {name:7} p50 {statistics.median(p50[name]) * 1e6:8.1f} us   "
               f"p99 {statistics.median(p99[name]) * 1e6:8.1f} us")
-    ratio50 = statistics.median(p50["redis"]) / statistics.median(p50["memory"])
-    ratio99 = statistics.median(p99["redis"]) / statistics.median(p99["memory"])
-    print(f"   redis / memory: p50 {ratio50:.1f}x, p99 {ratio99:.1f}x")
+    for name, base in (("redis", "memory"), ("file", "memory"), ("file", "redis")):
+        ratio50 = statistics.median(p50[name]) / statistics.median(p50[base])
+        ratio99 = statistics.median(p99[name]) / statistics.median(p99[base])
+        print(f"   {name} / {base}: p50 {ratio50:.1f}x, p99 {ratio99:.1f}x")
 
 
 # -- 3. four processes --------------------------------------------------------------------------
 
-async def worker(base_url: str, url: str, namespace: str, ids: list[str]) -> None:
-    async with RedisLimits.from_url(url, namespace=namespace) as backend, amp.CohortsClient(
+async def worker(base_url: str, store: str, namespace: str, ids: list[str]) -> None:
+    """One of the four processes; ``store`` is a Redis URL or ``file:PATH``."""
+    backend = (amp.FileLimits(store.removeprefix("file:")) if store.startswith("file:")
+               else RedisLimits.from_url(store, namespace=namespace))
+    async with backend, amp.CohortsClient(
         "test-api-key", "test-secret-key", base_url=base_url, limits=SCALED,
         limits_backend=backend, poll=POLL,
     ) as client:
@@ -177,7 +192,7 @@ async def worker(base_url: str, url: str, namespace: str, ids: list[str]) -> Non
         print(json.dumps({"ok": sum(o.ok for o in outcomes)}), flush=True)
 
 
-async def four_processes(url: str, seed: int) -> tuple[float, float, int, int, int]:
+async def four_processes(store: str, seed: int) -> tuple[float, float, int, int, int]:
     rng = random.Random(seed)
     durations = [rng.uniform(20.0, 120.0) * SCALE for _ in range(200)]
     with FakeAmplitude(limits=SCALED, job_duration=lambda c: durations[int(c.id[1:])],
@@ -188,7 +203,7 @@ async def four_processes(url: str, seed: int) -> tuple[float, float, int, int, i
         namespace = uuid.uuid4().hex
         async with fake.serve() as base_url:
             processes = [await anyio.open_process(
-                [sys.executable, __file__, "worker", base_url, url, namespace, *ids[i::4]])
+                [sys.executable, __file__, "worker", base_url, store, namespace, *ids[i::4]])
                 for i in range(4)]
             readers = [BufferedByteReceiveStream(p.stdout) for p in processes if p.stdout]
             for reader in readers:
@@ -219,21 +234,31 @@ def start_efficiency(fake: FakeAmplitude, window: amp.RateWindow) -> float:
 
 async def batch(url: str, runs: int) -> None:
     print("3. 4 processes x 50 cohorts, limits scaled by 1/60, makespan / lower bound")
-    ratios, efficiencies = [], []
-    for seed in range(runs):
-        ratio, efficiency, violations, rate_limited, ok = await four_processes(url, seed)
-        ratios.append(ratio)
-        efficiencies.append(efficiency)
-        print(f"   run {seed}: {ratio:.4f}, start efficiency {efficiency:.3f}  ({ok}/200 ok, "
-              f"{violations} violations, {rate_limited} answered 429)", flush=True)
-    print(f"   median {statistics.median(ratios):.4f}, max {max(ratios):.4f}; start efficiency "
-          f"median {statistics.median(efficiencies):.3f}, min {min(efficiencies):.3f}")
+    ratios: dict[str, list[float]] = {"redis": [], "file": []}
+    efficiencies: dict[str, list[float]] = {"redis": [], "file": []}
+    with tempfile.TemporaryDirectory() as directory:
+        for seed in range(runs):
+            for kind in ("redis", "file"):  # alternating, the same seed for both
+                store = f"file:{directory}/{seed}.sqlite3" if kind == "file" else url
+                ratio, efficiency, violations, rate_limited, ok = await four_processes(store,
+                                                                                       seed)
+                ratios[kind].append(ratio)
+                efficiencies[kind].append(efficiency)
+                print(f"   run {seed} {kind:5}: {ratio:.4f}, start efficiency {efficiency:.3f}"
+                      f"  ({ok}/200 ok, {violations} violations, {rate_limited} answered 429)",
+                      flush=True)
+    for kind in ("redis", "file"):
+        print(f"   {kind:5} median {statistics.median(ratios[kind]):.4f}, max "
+              f"{max(ratios[kind]):.4f}; start efficiency median "
+              f"{statistics.median(efficiencies[kind]):.3f}, min {min(efficiencies[kind]):.3f}")
+    print(f"   file / redis makespan (medians): "
+          f"{statistics.median(ratios['file']) / statistics.median(ratios['redis']):.4f}")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        base_url, url, namespace, *ids = sys.argv[2:]
-        anyio.run(worker, base_url, url, namespace, ids)
+        base_url, store, namespace, *ids = sys.argv[2:]
+        anyio.run(worker, base_url, store, namespace, ids)
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)

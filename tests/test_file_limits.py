@@ -89,6 +89,40 @@ async def test_successive_instances_see_each_others_state(tmp_path: pathlib.Path
         assert await second.quota_used() == 1
 
 
+async def test_a_deleted_file_is_a_state_loss_that_its_holders_survive(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone clears the cache while a run holds permits: the new file knows nothing of them,
+    so everyone waits as after a Redis flush, and the holders re-assert what they hold."""
+    path = tmp_path / "limits.sqlite3"
+    limits = amp.Limits(max_concurrent_requests=2, cohort_requests=(amp.RateWindow(5, 30.0),),
+                        monthly_quota=None)
+    cohort = amp.PermitRequest(slot=False, cohort=True)
+    async with amp.FileLimits(path) as old, amp.FileLimits(path) as newcomer:
+        old.bind(limits, "app")
+        newcomer.bind(limits, "app")
+        slot, request = await old.acquire(SLOT), await old.acquire(cohort)
+        assert isinstance(slot, amp.Permit)
+        assert isinstance(request, amp.Permit)
+        for file in tmp_path.glob("limits.sqlite3*"):
+            file.unlink()
+        await newcomer.aclose()  # a run started after the cache was cleared: a new file
+        assert isinstance(await newcomer.acquire(SLOT), amp.Permit)  # never used it: at once
+        await newcomer.set_known_usage(request.month, 3)
+        assert await old.renew([slot, request]) == 0  # re-asserted, not reported lost
+        assert old.state_losses == 1
+        assert "deleted or replaced while in use" in caplog.text
+        for want, reason, longest in ((SLOT, "slots", 30.0), (cohort, "window", 30.001)):
+            wait = await newcomer.acquire(want)
+            assert isinstance(wait, amp.PermitWait)
+            assert wait.reason == reason
+            assert 0 < wait.seconds <= longest
+        assert await old.release([slot], None) == 0
+        assert await old.release([request], amp.Settlement(stamp=False, refund=True)) == 0
+        assert await newcomer.quota_used(request.month) == 3  # charged before: not refunded
+        assert newcomer.state_losses == 0
+
+
 # -- what it refuses, clearly -----------------------------------------------------------------
 
 async def use(limits: amp.FileLimits, app: str = "app") -> None:
