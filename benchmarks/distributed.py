@@ -8,7 +8,8 @@ Starts its own redis-server on a free loopback port unless --redis-url is given.
    cohort requests, and over a whole batch (all exchanges of 20 downloads).
 2. Grant latency p50/p99 of one permit (acquire + release around an empty exchange), Redis
    and FileLimits (SQLite, in a temporary directory) against the in-memory backend, medians
-   of alternating runs.
+   of alternating runs. Then the design FileLimits did not take: the same acquire + release
+   as two rewrites of a JSON state file under an flock, crash-safe (temp file + rename).
 3. Makespan / lower bound of 4 processes x 50 cohorts sharing the limits on Redis, then in
    one FileLimits file (alternating runs), in time scaled by
    1/60 (60 per 10 s, 4 per 1 s, 5 concurrent; jobs 0.33-2 s), against the emulator served on
@@ -173,6 +174,55 @@ async def latency(url: str, runs: int) -> None:
         print(f"   {name} / {base}: p50 {ratio50:.1f}x, p99 {ratio99:.1f}x")
 
 
+def locked_json_rewrite(state: pathlib.Path, lock: pathlib.Path) -> None:
+    """One operation of a lock-file store: lock, read the state, change it, replace it."""
+    import fcntl  # POSIX only, like this comparison
+
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        data = json.loads(state.read_text()) if state.exists() else {"slots": {}}
+        now = time.time()
+        data["slots"] = {k: v for k, v in data["slots"].items() if v > now}
+        data["slots"][uuid.uuid4().hex[:16]] = now + 30.0
+        if len(data["slots"]) > 5:
+            data["slots"].pop(next(iter(data["slots"])))
+        temporary = state.with_suffix(".tmp")
+        temporary.write_text(json.dumps(data))
+        os.replace(temporary, state)
+    finally:
+        os.close(descriptor)
+
+
+async def lock_file_alternative(runs: int) -> None:
+    medians: dict[str, list[float]] = {"sqlite": [], "lock file": []}
+    request = amp.PermitRequest(slot=True, cohort=False)
+    with tempfile.TemporaryDirectory() as directory:
+        for run in range(runs):
+            samples = []
+            async with amp.FileLimits(pathlib.Path(directory) / f"{run}.sqlite3") as backend:
+                backend.bind(amp.Limits(), "benchmark")
+                for _ in range(1000):
+                    started = time.perf_counter()
+                    permit = await backend.acquire(request)
+                    assert isinstance(permit, amp.Permit)
+                    await backend.release([permit], None)
+                    samples.append(time.perf_counter() - started)
+            medians["sqlite"].append(statistics.median(samples))
+            state = pathlib.Path(directory) / f"{run}.json"
+            lock = pathlib.Path(directory) / f"{run}.lock"
+            samples = []
+            for _ in range(1000):
+                started = time.perf_counter()
+                for _operation in ("acquire", "release"):
+                    await anyio.to_thread.run_sync(locked_json_rewrite, state, lock)
+                samples.append(time.perf_counter() - started)
+            medians["lock file"].append(statistics.median(samples))
+    sqlite, lock_file = (statistics.median(medians[k]) for k in ("sqlite", "lock file"))
+    print(f"   acquire + release: SQLite {sqlite * 1e6:.0f} us, lock file + JSON "
+          f"{lock_file * 1e6:.0f} us; lock file / SQLite {lock_file / sqlite:.1f}x")
+
+
 # -- 3. four processes --------------------------------------------------------------------------
 
 async def worker(base_url: str, store: str, namespace: str, ids: list[str]) -> None:
@@ -268,6 +318,7 @@ def main() -> None:
     with redis_server(args.redis_url) as url:
         anyio.run(round_trips, url)
         anyio.run(latency, url, args.runs)
+        anyio.run(lock_file_alternative, args.runs)
         anyio.run(batch, url, args.runs)
 
 
