@@ -212,6 +212,8 @@ class CohortsClient:
         boundary = HttpBoundary(self._http, base, credentials, self.download, blocking)
         self._api = Api(boundary, Sender(boundary, self._scheduler, self.retry, rng),
                         self._scheduler)
+        # After a shared-state loss the scheduler re-reads the quota through the endpoint.
+        self._scheduler.refresh_usage = self._api.get_usage
         self._downloader = Downloader(self._api, self._scheduler, self.poll, self.download, rng)
         self._uploader = Uploader(self._api, self.limits, self._scheduler.cohort_write)
         self._base_url = base

@@ -60,7 +60,10 @@ class Downloader:
                 if request is None:
                     request = await api.request_cohort(cohort_id, export)
                     if on_requested is not None:
-                        await on_requested(request)
+                        # Amplitude accepted it: it is recorded even if the caller is being
+                        # cancelled, so that a resume reuses it instead of paying again.
+                        with anyio.CancelScope(shield=True):
+                            await on_requested(request)
                 progress.emit("requested")
                 await self.wait_for_job(api, request.request_id, cohort_id, progress,
                                         reused=reused)

@@ -20,6 +20,7 @@ and gives it back only when the server certainly did not act on it.
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import itertools
 import logging
@@ -196,6 +197,13 @@ class Scheduler:
         #: Cohort requests this scheduler let through that count against the quota (sent and
         #: not refused), whatever other processes spent.
         self.cohort_requests_spent = 0
+        #: The backend lost its shared state since the quota was last read from Amplitude:
+        #: the next cohort request first calls ``refresh_usage``.
+        self.quota_unknown = False
+        self._state_losses_seen = self.backend.state_losses
+        #: Reads the usage from Amplitude (``get_usage``, which calls ``record_usage``). Set
+        #: by the client that owns this scheduler: the scheduler sits below the endpoints.
+        self.refresh_usage: Callable[[], Awaitable[object]] | None = None
 
     # -- lazily created loop-bound primitives -------------------------------------------
     @property
@@ -224,6 +232,7 @@ class Scheduler:
     async def record_usage(self, usage: int, resets_at: datetime) -> None:
         """Amplitude's count of cohort requests in the month that ends at ``resets_at``."""
         await self._call(self.backend.set_known_usage(usage_month(resets_at), usage))
+        self.quota_unknown = False
 
     async def quota_used(self, month: str | None = None) -> int:
         """Units the limits count in ``month`` (``None``: this month on the backend's clock,
@@ -258,6 +267,11 @@ class Scheduler:
         the same round trip; the second value says whether the gate and a slot came with it.
         """
         while True:
+            if (request.cohort and self.quota_unknown and request.quota is not None
+                    and self.refresh_usage is not None):
+                # The shared count was lost with the backend's state: Amplitude's own count
+                # comes first (a slot of its own, before this request takes the gate).
+                await self.refresh_usage()
             gated = (gate_too and self.paused_until <= anyio.current_time()
                      and self.gate.try_acquire())
             try:
@@ -296,9 +310,21 @@ class Scheduler:
                 raise LimitsBackendError(
                     f"the limits backend failed: {type(exc).__name__}: {exc}"
                 ) from exc
+            finally:
+                if self.backend.state_losses != self._state_losses_seen:
+                    self._state_losses_seen = self.backend.state_losses
+                    self.quota_unknown = True
         return result
 
-    async def _release(self, permits: list[Permit], ticket: Ticket) -> None:
+    async def _settle(self, leases: _Leases, ticket: Ticket) -> None:
+        """Hand the leases back, settled as ``ticket`` says. Never raises: the exchange's own
+        outcome (an answer, or the error that stopped it) is what its caller must hear. A
+        backend that cannot be told lets the leases run out by their TTL; a cohort request
+        it still counts in flight then counts as answered at the end of its lease, which is
+        never earlier than the truth, and its quota unit stays spent."""
+        permits, leases.permits = leases.permits, []
+        if not permits:
+            return
         settlement = None
         if any(permit.cohort for permit in permits):
             if ticket.outcome in (Outcome.ACCEPTED, Outcome.UNKNOWN):
@@ -309,7 +335,11 @@ class Scheduler:
                 # Unknown fate: the backend assumes the server counted it as late as now.
                 at=ticket.answered_at,
             )
-        self._report_lost(await self._call(self.backend.release(permits, settlement)))
+        try:
+            self._report_lost(await self._call(self.backend.release(permits, settlement)))
+        except LimitsBackendError as error:
+            logger.warning("could not hand %d limits lease(s) back (%s); they run out by "
+                           "themselves", len(permits), error)
 
     def _report_lost(self, lost: int) -> None:
         if lost:
@@ -317,10 +347,23 @@ class Scheduler:
             logger.warning("%d limits lease(s) expired while held; another process may have "
                            "used the same slot meanwhile (is this process stalling?)", lost)
 
+    async def _renew(self, leases: _Leases) -> int:
+        """Renew every lease held now (good for a TTL from ``started`` then); returns how many
+        the backend found expired while held."""
+        if not leases.permits:
+            return 0
+        started = anyio.current_time()
+        lost = await self.backend.renew(list(leases.permits))
+        leases.renewed_at = started
+        if lost:
+            leases.lost = True
+        return lost
+
     @asynccontextmanager
     async def _renewing(self, renew_once: Callable[[], Awaitable[int]]) -> AsyncIterator[None]:
-        """Keep leases alive while the body runs (backends with a TTL): ``renew_once()``
-        renews them and says how many it found expired while held."""
+        """Keep leases alive while the block runs (backends with a TTL), whatever the holder
+        is doing: waiting for a slot, sending, reading a slow answer. ``renew_once()`` renews
+        them and says how many it found expired while held."""
         ttl = self.backend.lease_ttl
         if ttl is None:
             yield
@@ -329,10 +372,28 @@ class Scheduler:
         async def renew() -> None:
             while True:
                 await anyio.sleep(ttl / 3)
-                self._report_lost(await self._call(renew_once()))
+                try:
+                    self._report_lost(await self._call(renew_once()))
+                except LimitsBackendError as error:
+                    # Not fatal to the holder: an answer on its way still counts. A lease
+                    # that runs out meanwhile is caught before sending, or reported.
+                    logger.warning("could not renew limits leases: %s", error)
 
         async with alongside(renew):
             yield
+
+    async def _still_held(self, leases: _Leases) -> bool:
+        """Whether the leases are surely ours right before sending.
+
+        The renewer keeps them alive, but a process that stalled (a paused VM, a blocked loop)
+        may have let them run out, and another holder may have the slot now: then nothing is
+        sent. When the last renewal is older than half the TTL, ask the backend first.
+        """
+        ttl = self.backend.lease_ttl
+        if ttl is not None and leases.permits and (
+                anyio.current_time() - leases.renewed_at > ttl / 2):
+            self._report_lost(await self._call(self._renew(leases)))
+        return not leases.lost
 
     @asynccontextmanager
     async def cohort_write(self, cohort_id: str) -> AsyncIterator[None]:
@@ -342,6 +403,7 @@ class Scheduler:
         while (token := await self._call(self.backend.acquire_write(cohort_id))) is None:
             wait = WAIT_STEP if self.backend.recheck is None else self.backend.recheck
             await self.backend.wait_for_release(wait)
+
         async def renew_once() -> int:
             return 0 if await self.backend.renew_write(cohort_id, token) else 1
 
@@ -349,44 +411,72 @@ class Scheduler:
             async with self._renewing(renew_once):
                 yield
         finally:
-            await self._call(self.backend.release_write(cohort_id, token))
+            try:
+                await self._call(self.backend.release_write(cohort_id, token))
+            except LimitsBackendError as error:
+                # What the writes did stands; the lease runs out by itself.
+                logger.warning("could not hand the write lease of a cohort back (%s); it "
+                               "runs out by itself", error)
 
     @asynccontextmanager
     async def exchange(
         self, kind: RequestKind, *, on_wait: WaitCallback | None = None
     ) -> AsyncIterator[Ticket]:
-        """Hold a permit for one HTTP exchange with the Amplitude host."""
-        ticket = Ticket()
-        permits: list[Permit] = []
-        gated = False
-        try:
-            if kind is RequestKind.COHORT_REQUEST:
-                # FIFO among this process's cohort requests: the window wait is not a race.
-                # When the gate is free, the slot comes in the same round trip to the backend.
-                async with self._admission_lock():
-                    permit, gated = await self._acquire(PermitRequest(
-                        slot=False, cohort=True, quota=self.limits.monthly_quota),
-                        on_wait, gate_too=True)
-                    permits.append(permit)
-            if not gated:
-                while (remaining := self.paused_until - anyio.current_time()) > 0:
-                    await self._sleep_out_pause(remaining, on_wait)
-                await self.gate.acquire(PRIORITY[kind])
+        """Hold a permit for one HTTP exchange with the Amplitude host.
+
+        Every permit is handed back on every path (an answer, an error, a cancellation, a
+        failing backend), the local gate last, and a failure to hand it back never hides
+        what became of the exchange. Leases are renewed from the grant until they are
+        settled. If one was lost before sending (the process stalled past the TTL), nothing
+        is sent: the permits go back and are asked for again.
+        """
+        while True:
+            ticket = Ticket()
+            leases = _Leases(renewed_at=anyio.current_time())
+            gated = False  # this exchange holds a place in the local gate
             try:
-                if not gated:
-                    slot, _ = await self._acquire(PermitRequest(slot=True, cohort=False),
-                                                  on_wait)
-                    permits.append(slot)
-                ticket.outcome = Outcome.UNKNOWN  # granted: from here on the server may see it
-                async with self._renewing(lambda: self.backend.renew(permits)):
-                    yield ticket
+                if kind is RequestKind.COHORT_REQUEST:
+                    # FIFO among this process's cohort requests: the window wait is not a
+                    # race. When the gate is free, the slot comes in the same round trip.
+                    async with self._admission_lock():
+                        permit, gated = await self._acquire(PermitRequest(
+                            slot=False, cohort=True, quota=self.limits.monthly_quota),
+                            on_wait, gate_too=True)
+                        leases.add(permit)
+                async with self._renewing(functools.partial(self._renew, leases)):
+                    if not gated:
+                        while (remaining := self.paused_until - anyio.current_time()) > 0:
+                            await self._sleep_out_pause(remaining, on_wait)
+                        await self.gate.acquire(PRIORITY[kind])
+                        gated = True
+                        slot, _ = await self._acquire(PermitRequest(slot=True, cohort=False),
+                                                      on_wait)
+                        leases.add(slot)
+                    if await self._still_held(leases):
+                        ticket.outcome = Outcome.UNKNOWN  # from here the server may see it
+                        yield ticket
+                        return
             finally:
-                if permits:
+                try:
                     # Back to the backend before the local gate opens, so the next local
                     # holder finds the slot free.
-                    held, permits = permits, []
-                    await self._release(held, ticket)
-                self.gate.release()
-        finally:
-            if permits:  # cancelled before the gate: the cohort permit never left
-                await self._release(permits, ticket)
+                    await self._settle(leases, ticket)
+                finally:
+                    if gated:
+                        self.gate.release()
+            logger.warning("a limits lease ran out before the request was sent; nothing "
+                           "was sent, asking for the permits again")
+
+
+@attrs.define
+class _Leases:
+    """The permits one exchange holds, and when their leases were last known good."""
+
+    renewed_at: float
+    permits: list[Permit] = attrs.field(factory=list)
+    lost: bool = False  # the backend found one expired while held
+
+    def add(self, permit: Permit) -> None:
+        if not self.permits:
+            self.renewed_at = anyio.current_time()
+        self.permits.append(permit)

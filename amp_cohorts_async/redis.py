@@ -28,6 +28,7 @@ to process-local limits, which could break the account's limits without anyone n
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +51,7 @@ from ._validate import require_encodable
 
 try:
     import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     raise ModuleNotFoundError(
@@ -58,13 +60,18 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
 
 __all__ = ("RedisLimits",)
 
+logger = logging.getLogger("amp_cohorts_async")
+
 T = TypeVar("T")
 
 _MICRO = 1_000_000
 _QUOTA_KEY_SECONDS = 40 * 24 * 3600  # a month's count outlives its month, then goes
 
-# Common prelude: the server's clock in microseconds, exact integer strings for scores, and
-# the leases of holders that stopped renewing handed back.
+# Common prelude: the server's clock in microseconds, exact integer strings for scores, the
+# check that the shared state was not lost, and the leases of holders that stopped renewing
+# handed back. Every script gets KEYS[1] = the app's state hash and ARGV[1..4] = the epoch this
+# client knows ('' for none), a fresh epoch id should one be needed, and the cohort and slot
+# hold-offs after a loss (us); its own keys and arguments follow, as K and A.
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -84,6 +91,41 @@ local function utc_month(seconds)
   return string.format('%04d-%02d', year, month)
 end
 local this_month = utc_month(math.floor(now / 1000000))
+"""
+
+_STATE = """
+local state = KEYS[1]
+local K, A = {}, {}
+for i = 2, #KEYS do K[i - 1] = KEYS[i] end
+for i = 5, #ARGV do A[i - 4] = ARGV[i] end
+-- The state is this app's epoch: made by the first client, lost with everything else. The
+-- server's run id changes with a restart or a failover, which may have lost recent writes
+-- even where the epoch survived (a snapshot, a replica behind its primary).
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local known = ARGV[1]
+local epoch = redis.call('HGET', state, 'epoch')
+local lost = 0
+local function recover()
+  epoch = ARGV[2]
+  lost = 1
+  redis.call('HSET', state, 'epoch', epoch, 'run_id', run_id, 'fresh', '0',
+             'cohort_until', n(now + tonumber(ARGV[3])), 'slot_until', n(now + tonumber(ARGV[4])))
+end
+if not epoch then
+  if known == '' then  -- a store this app never used, as far as this client knows
+    epoch = ARGV[2]
+    redis.call('HSET', state, 'epoch', epoch, 'run_id', run_id, 'fresh', '1')
+  else
+    recover()
+  end
+elseif redis.call('HGET', state, 'run_id') ~= run_id then
+  recover()
+elseif known ~= '' and epoch ~= known then
+  -- Made again since this client last looked: by a client that noticed the loss (which
+  -- began the hold-offs), or by one that could not know of it (then begin them now).
+  if redis.call('HGET', state, 'fresh') == '1' then recover() else lost = 1 end
+end
+local function of_this_epoch(token) return string.sub(token, 1, #epoch + 1) == epoch .. ':' end
 local function expire_leases(slots, inflight, stamps)
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', n(now))
   local dead = redis.call('ZRANGEBYSCORE', inflight, '-inf', n(now), 'WITHSCORES')
@@ -95,36 +137,51 @@ local function expire_leases(slots, inflight, stamps)
 end
 """
 
-# KEYS: slots, inflight, stamps, pause, quota (a hash: month -> count)
-# ARGV: want_slot, want_cohort, max_slots, lease_us, token, quota (-1: none), edge_us,
-#       longest_us, then (max_requests, length_us) per window
-# Returns {'ok', month} | {'pause', us} | {'slots', -1} | {'window', us or -1} |
-#         {'quota', used, month}
-_ACQUIRE = _PRELUDE + """
-expire_leases(KEYS[1], KEYS[2], KEYS[3])
-local edge = tonumber(ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', n(now - tonumber(ARGV[8]) - edge))
-if ARGV[1] == '1' then
-  local paused = tonumber(redis.call('GET', KEYS[4]) or '0')
+
+def _script(body: str) -> str:
+    """A script of the protocol: the prelude, then ``body`` whose reply comes back as
+    ``{epoch, lost, reply}``."""
+    body = body.replace("QUOTA_KEY_SECONDS", str(_QUOTA_KEY_SECONDS))
+    return _PRELUDE + _STATE + "local function body()\n" + body + "end\n" + \
+        "return {epoch, lost, body()}\n"
+
+
+# K: slots, inflight, stamps, pause, quota (a hash: month -> count)
+# A: want_slot, want_cohort, max_slots, lease_us, token, quota (-1: none), edge_us,
+#    longest_us, then (max_requests, length_us) per window
+# Reply: {'ok', month, token} | {'pause', us} | {'slots', us or -1} | {'window', us or -1} |
+#        {'quota', used, month}
+_ACQUIRE = _script("""
+expire_leases(K[1], K[2], K[3])
+local edge = tonumber(A[7])
+redis.call('ZREMRANGEBYSCORE', K[3], '-inf', n(now - tonumber(A[8]) - edge))
+if A[1] == '1' then
+  local paused = tonumber(redis.call('GET', K[4]) or '0')
   if paused > now then return {'pause', paused - now} end
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return {'slots', -1} end
+  -- after a loss, held leases are re-asserted by their holders within one TTL
+  local hold = tonumber(redis.call('HGET', state, 'slot_until') or '0')
+  if hold > now then return {'slots', hold - now} end
+  if redis.call('ZCARD', K[1]) >= tonumber(A[3]) then return {'slots', -1} end
 end
-if ARGV[2] == '1' then
-  local used = tonumber(redis.call('HGET', KEYS[5], this_month) or '0')
-  local quota = tonumber(ARGV[6])
+if A[2] == '1' then
+  -- after a loss, the lost stamps have all aged out of every window
+  local hold = tonumber(redis.call('HGET', state, 'cohort_until') or '0')
+  if hold > now then return {'window', hold - now} end
+  local used = tonumber(redis.call('HGET', K[5], this_month) or '0')
+  local quota = tonumber(A[6])
   if quota >= 0 and used + 1 > quota then return {'quota', used, this_month} end
-  local flying = redis.call('ZCARD', KEYS[2])
+  local flying = redis.call('ZCARD', K[2])
   local wait = 0
-  for i = 9, #ARGV, 2 do
-    local limit = tonumber(ARGV[i])
-    local length = tonumber(ARGV[i + 1]) + edge
+  for i = 9, #A, 2 do
+    local limit = tonumber(A[i])
+    local length = tonumber(A[i + 1]) + edge
     local low = '(' .. n(now - length)
-    local inside = redis.call('ZCOUNT', KEYS[3], low, '+inf')
+    local inside = redis.call('ZCOUNT', K[3], low, '+inf')
     local occupied = flying + inside
     if occupied >= limit then
       local must = occupied - limit + 1
       if must > inside then return {'window', -1} end
-      local oldest = redis.call('ZRANGEBYSCORE', KEYS[3], low, '+inf', 'WITHSCORES',
+      local oldest = redis.call('ZRANGEBYSCORE', K[3], low, '+inf', 'WITHSCORES',
                                 'LIMIT', must - 1, 1)
       local until_free = tonumber(oldest[2]) + length - now
       if until_free > wait then wait = until_free end
@@ -132,91 +189,110 @@ if ARGV[2] == '1' then
   end
   if wait > 0 then return {'window', wait} end
 end
-local lease = n(now + tonumber(ARGV[4]))
-if ARGV[1] == '1' then redis.call('ZADD', KEYS[1], lease, ARGV[5]) end
-if ARGV[2] == '1' then
-  redis.call('HINCRBY', KEYS[5], this_month, 1)
-  redis.call('EXPIRE', KEYS[5], QUOTA_KEY_SECONDS)
-  redis.call('ZADD', KEYS[2], lease, ARGV[5])
+local lease = n(now + tonumber(A[4]))
+local token = epoch .. ':' .. A[5]
+if A[1] == '1' then redis.call('ZADD', K[1], lease, token) end
+if A[2] == '1' then
+  redis.call('HINCRBY', K[5], this_month, 1)
+  redis.call('EXPIRE', K[5], QUOTA_KEY_SECONDS)
+  redis.call('ZADD', K[2], lease, token)
 end
-return {'ok', this_month}
-""".replace("QUOTA_KEY_SECONDS", str(_QUOTA_KEY_SECONDS))
+return {'ok', this_month, token}
+""")
 
-# KEYS: slots, inflight, stamps, quota;  ARGV: slot token, cohort token, stamp, refund,
-# stamps_ttl_ms, the cohort permit's month.  Returns the number of leases found expired.
-_RELEASE = _PRELUDE + """
-local lost = 0
-if ARGV[1] ~= '' and redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then lost = lost + 1 end
-if ARGV[2] ~= '' then
-  if redis.call('ZREM', KEYS[2], ARGV[2]) == 0 then lost = lost + 1 end
-  if ARGV[3] == '1' then
-    redis.call('ZADD', KEYS[3], n(now), ARGV[2])
-    redis.call('PEXPIRE', KEYS[3], ARGV[5])
+# K: slots, inflight, stamps, quota;  A: slot token, cohort token, stamp, refund,
+# stamps_ttl_ms, the cohort permit's month.  Reply: the number of leases found expired (a
+# lease from before a loss is not: it went with the state).
+_RELEASE = _script("""
+local lost_leases = 0
+if A[1] ~= '' and redis.call('ZREM', K[1], A[1]) == 0 and of_this_epoch(A[1]) then
+  lost_leases = lost_leases + 1
+end
+if A[2] ~= '' then
+  if redis.call('ZREM', K[2], A[2]) == 0 and of_this_epoch(A[2]) then
+    lost_leases = lost_leases + 1
+  end
+  if A[3] == '1' then
+    redis.call('ZADD', K[3], n(now), A[2])
+    redis.call('PEXPIRE', K[3], A[5])
   else
-    redis.call('ZREM', KEYS[3], ARGV[2])
+    redis.call('ZREM', K[3], A[2])
   end
-  if ARGV[4] == '1' and tonumber(redis.call('HGET', KEYS[4], ARGV[6]) or '0') > 0 then
-    redis.call('HINCRBY', KEYS[4], ARGV[6], -1)
-  end
-end
-return lost
-"""
-
-# KEYS: slots, inflight;  ARGV: lease_us, then "s:<token>" / "c:<token>"
-_RENEW = _PRELUDE + """
-local lost = {}
-for i = 2, #ARGV do
-  local key = KEYS[1]
-  if string.sub(ARGV[i], 1, 1) == 'c' then key = KEYS[2] end
-  local token = string.sub(ARGV[i], 3)
-  if redis.call('ZSCORE', key, token) then
-    redis.call('ZADD', key, 'XX', n(now + tonumber(ARGV[1])), token)
-  else
-    table.insert(lost, token)
+  -- a unit charged before a loss is not in the count re-read after it
+  if A[4] == '1' and of_this_epoch(A[2])
+     and tonumber(redis.call('HGET', K[4], A[6]) or '0') > 0 then
+    redis.call('HINCRBY', K[4], A[6], -1)
   end
 end
-return lost
-"""
+return lost_leases
+""")
 
-# KEYS: pause;  ARGV: seconds in microseconds
-_PAUSE = _PRELUDE + """
-local target = now + tonumber(ARGV[1])
-if tonumber(redis.call('GET', KEYS[1]) or '0') < target then
-  redis.call('SET', KEYS[1], n(target), 'PX', math.floor(tonumber(ARGV[1]) / 1000) + 1000)
+# K: slots, inflight, stamps;  A: lease_us, then "s:<token>" / "c:<token>".  Every lease is
+# extended; one that is gone is put back (re-asserted), even over capacity, so that a slot
+# its holder still uses is not granted again. Reply: the tokens that had expired while held
+# as "s:<token>" / "c:<token>" (not those from before a loss).
+_RENEW = _script("""
+local expired = {}
+local lease = n(now + tonumber(A[1]))
+for i = 2, #A do
+  local cohort = string.sub(A[i], 1, 1) == 'c'
+  local key = cohort and K[2] or K[1]
+  local token = string.sub(A[i], 3)
+  if not redis.call('ZSCORE', key, token) then
+    if of_this_epoch(token) then table.insert(expired, A[i]) end
+    if cohort then redis.call('ZREM', K[3], token) end  -- in flight again, not answered
+  end
+  redis.call('ZADD', key, lease, token)
+end
+return expired
+""")
+
+# K: pause;  A: seconds in microseconds
+_PAUSE = _script("""
+local target = now + tonumber(A[1])
+if tonumber(redis.call('GET', K[1]) or '0') < target then
+  redis.call('SET', K[1], n(target), 'PX', math.floor(tonumber(A[1]) / 1000) + 1000)
 end
 return 1
-"""
+""")
 
-# KEYS: quota;  ARGV: month, Amplitude's count of it
-_KNOWN_USAGE = """
-if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[1], QUOTA_KEY_SECONDS)
+# K: quota;  A: month, Amplitude's count of it
+_KNOWN_USAGE = _script("""
+if tonumber(redis.call('HGET', K[1], A[1]) or '0') < tonumber(A[2]) then
+  redis.call('HSET', K[1], A[1], A[2])
+  redis.call('EXPIRE', K[1], QUOTA_KEY_SECONDS)
 end
 return 1
-""".replace("QUOTA_KEY_SECONDS", str(_QUOTA_KEY_SECONDS))
+""")
 
-# KEYS: quota;  ARGV: month ('': this month on the server's clock)
-_QUOTA_USED = _PRELUDE + """
-local month = ARGV[1]
+# K: quota;  A: month ('': this month on the server's clock)
+_QUOTA_USED = _script("""
+local month = A[1]
 if month == '' then month = this_month end
-return tonumber(redis.call('HGET', KEYS[1], month) or '0')
-"""
+return tonumber(redis.call('HGET', K[1], month) or '0')
+""")
+
+
+def _lease_names(permits: Sequence[Permit]) -> set[str]:
+    """One name per lease: a permit for a slot and a cohort place holds two leases."""
+    return ({f"s:{p.token}" for p in permits if p.slot}
+            | {f"c:{p.token}" for p in permits if p.cohort})
 
 
 # A cohort's write lease: one key holding its holder's token, expiring on the server's clock.
-_ACQUIRE_WRITE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+# K: the cohort's write key;  A: token, lease in ms
+_ACQUIRE_WRITE = _script("""
+if redis.call('SET', K[1], A[1], 'NX', 'PX', A[2]) then return 1 end
 return 0
-"""
-_RENEW_WRITE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+""")
+_RENEW_WRITE = _script("""
+if redis.call('GET', K[1]) == A[1] then return redis.call('PEXPIRE', K[1], A[2]) end
 return 0
-"""
-_RELEASE_WRITE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+""")
+_RELEASE_WRITE = _script("""
+if redis.call('GET', K[1]) == A[1] then return redis.call('DEL', K[1]) end
 return 0
-"""
+""")
 
 
 def _safe_url(url: str) -> str:
@@ -272,6 +348,8 @@ class RedisLimits:
         self._prefix = ""
         self._released = ReleaseSignal()
         self._reported: set[str] = set()
+        #: The epoch of the shared state this client last saw ('' before its first call).
+        self._epoch = ""
         self._acquire = redis_client.register_script(_ACQUIRE)
         self._release = redis_client.register_script(_RELEASE)
         self._renew = redis_client.register_script(_RENEW)
@@ -340,16 +418,36 @@ class RedisLimits:
             raise RuntimeError("RedisLimits is not bound to a client yet")
         return f"{self._prefix}:{name}"
 
-    async def _run(self, script: Callable[..., Awaitable[T]], keys: list[str],
-                   args: list[Any]) -> T:
+    async def _run(self, script: Callable[..., Awaitable[Any]], keys: list[str],
+                   args: list[Any]) -> Any:
+        """Run one protocol script; its reply, having noted whether the state was lost."""
+        assert self.lease_ttl is not None
+        keys = [self._key("state"), *keys]
+        args = [self._epoch, secrets.token_hex(8), self._longest_us + round(WINDOW_EDGE * _MICRO),
+                round(self.lease_ttl * _MICRO), *args]
         try:
-            return await script(keys=keys, args=args)
+            try:
+                epoch, lost, reply = await script(keys=keys, args=args)
+            except RedisConnectionError:
+                # A pooled connection to a server that restarted fails once; redis-py then
+                # connects afresh. Running a script twice can only over-count (a grant whose
+                # answer was lost runs out with its lease), never grant too much.
+                epoch, lost, reply = await script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise LimitsBackendError(
                 f"the shared limits on Redis at {self._url} failed: {type(exc).__name__}: "
-                f"{str(exc)[:200]}; nothing was sent (the client never falls back to "
-                f"per-process limits)"
+                f"{str(exc)[:200]} (the client never falls back to per-process limits)"
             ) from None
+        if int(lost) and epoch != self._epoch:  # once, however many calls noticed it
+            self.state_losses += 1
+            logger.warning(
+                "the shared limits state on Redis at %s was lost (a restart without "
+                "persistence, a failover or a flush): no new cohort request for %.0fs, no new "
+                "slot for %.0fs while holders re-assert their leases; the quota count is "
+                "taken again from Amplitude", self._url,
+                self._longest_us / _MICRO + WINDOW_EDGE, self.lease_ttl)
+        self._epoch = epoch
+        return reply
 
     # -- the protocol -------------------------------------------------------------------
     async def acquire(self, request: PermitRequest) -> Permit | PermitWait:
@@ -357,7 +455,6 @@ class RedisLimits:
         if limits is None:
             raise RuntimeError("RedisLimits is not bound to a client yet")
         assert self.lease_ttl is not None
-        token = secrets.token_hex(8)
         windows: list[Any] = []
         for window in limits.cohort_requests:
             windows += [window.max_requests, round(window.seconds * _MICRO)]
@@ -366,13 +463,13 @@ class RedisLimits:
             [self._key("slots"), self._key("inflight"), self._key("stamps"),
              self._key("pause"), self._key("quota")],
             [int(request.slot), int(request.cohort), limits.max_concurrent_requests,
-             round(self.lease_ttl * _MICRO), token,
+             round(self.lease_ttl * _MICRO), secrets.token_hex(8),
              -1 if request.quota is None else request.quota, round(WINDOW_EDGE * _MICRO),
              self._longest_us, *windows],
         )
         verdict = reply[0]
         if verdict == "ok":
-            return Permit(token, request.slot, request.cohort,
+            return Permit(str(reply[2]), request.slot, request.cohort,
                           str(reply[1]) if request.cohort else "")
         if verdict == "quota":
             raise QuotaExceededError(
@@ -397,17 +494,18 @@ class RedisLimits:
              self._stamps_ttl_ms, cohort.month if cohort else ""],
         )
         self._released.fire()
-        already = sum(1 for p in permits if p.token in self._reported)
-        self._reported.difference_update(p.token for p in permits)
+        names = _lease_names(permits)
+        already = len(names & self._reported)
+        self._reported -= names
         return max(0, int(lost) - already)
 
     async def renew(self, permits: Sequence[Permit]) -> int:
         assert self.lease_ttl is not None
-        names = [f"{'c' if p.cohort else 's'}:{p.token}" for p in permits]
-        lost = await self._run(self._renew, [self._key("slots"), self._key("inflight")],
-                               [round(self.lease_ttl * _MICRO), *names])
-        fresh = [token for token in lost if token not in self._reported]
-        self._reported.update(fresh)
+        lost = await self._run(self._renew, [self._key("slots"), self._key("inflight"),
+                                             self._key("stamps")],
+                               [round(self.lease_ttl * _MICRO), *sorted(_lease_names(permits))])
+        fresh = {name for name in lost if name not in self._reported}
+        self._reported |= fresh
         return len(fresh)
 
     async def pause(self, seconds: float) -> None:

@@ -73,39 +73,81 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A Redis to test against: AMP_TEST_REDIS_URL, or a redis-server started for the run.
-
-    Without either, the Redis tests skip, except where AMP_REQUIRE_REDIS is set (CI): there
-    they fail, so a missing server can never pass as green.
-    """
-    if url := os.environ.get("AMP_TEST_REDIS_URL"):
-        yield url
-        return
+def _redis_binary() -> str:
+    """redis-server's path; skips the test without it, except where AMP_REQUIRE_REDIS is set
+    (CI): there it fails, so a missing server can never pass as green."""
     binary = shutil.which("redis-server")
     if binary is None:
         message = "redis-server is not installed (apt-get install redis-server)"
         if os.environ.get("AMP_REQUIRE_REDIS"):
             pytest.fail(message)
         pytest.skip(message)
-    port = _free_port()
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--protected-mode", "yes"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    return binary
+
+
+def _wait_for_port(port: int, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+
+
+class RedisServer:
+    """A redis-server on a loopback port of its own, without persistence: ``stop()`` then
+    ``start()`` is a restart that loses every key, as a production Redis without persistence
+    does."""
+
+    def __init__(self, *extra: str) -> None:
+        self.binary = _redis_binary()
+        self.port = _free_port()
+        self.extra = extra
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--protected-mode", "yes", *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port, self._process)
+
+    def stop(self) -> None:
+        """Kill it (SIGKILL: no goodbye to the clients) and wait until it is gone."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(10)
+            self._process = None
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis to test against: AMP_TEST_REDIS_URL, or a redis-server started for the run."""
+    if url := os.environ.get("AMP_TEST_REDIS_URL"):
+        yield url
+        return
+    server = RedisServer()
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail(f"redis-server did not start on port {port}")
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test may kill and start again."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -52,7 +52,8 @@ async def download(base_url: str, spec: str, out: str, ids: list[str]) -> None:
         outcomes = await client.download_cohorts(ids, out)
         print(json.dumps({"ok": sum(o.ok for o in outcomes),
                           "failed": [str(o.error) for o in outcomes if not o.ok],
-                          "leases_lost": client.scheduler.leases_lost}), flush=True)
+                          "leases_lost": client.scheduler.leases_lost,
+                          "state_losses": client.scheduler.backend.state_losses}), flush=True)
 
 
 async def apply(base_url: str, spec: str, cohort_id: str, old: str, new: str, out: str

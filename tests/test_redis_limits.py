@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import anyio
@@ -294,7 +294,9 @@ def test_backends_never_over_grant_a_window(redis_url: str, tmp_path: pathlib.Pa
 # -- several processes on one account ---------------------------------------------------------
 
 async def run_workers(base_url: str, spec: str, groups: list[list[str]], out: pathlib.Path,
-                      namespace: str, **env_extra: str) -> list[dict[str, object]]:
+                      namespace: str, *, during: Callable[[], Awaitable[None]] | None = None,
+                      **env_extra: str) -> list[dict[str, object]]:
+    """Run one worker per group of ids, all started together; ``during`` runs beside them."""
     env = {**os.environ, "AMP_TEST_NAMESPACE": namespace, **env_extra}
     processes = []
     for index, ids in enumerate(groups):
@@ -306,7 +308,7 @@ async def run_workers(base_url: str, spec: str, groups: list[list[str]], out: pa
     readers = [BufferedByteReceiveStream(p.stdout) for p in processes if p.stdout]
     try:
         with anyio.fail_after(90):  # a run that breaks the limits must fail, not hang
-            return await _drive(processes, readers)
+            return await _drive(processes, readers, during)
     finally:
         for process in processes:
             if process.returncode is None:
@@ -314,17 +316,20 @@ async def run_workers(base_url: str, spec: str, groups: list[list[str]], out: pa
             await process.aclose()
 
 
-async def _drive(processes: list[anyio.abc.Process],
-                 readers: list[BufferedByteReceiveStream]) -> list[dict[str, object]]:
+async def _drive(processes: list[anyio.abc.Process], readers: list[BufferedByteReceiveStream],
+                 during: Callable[[], Awaitable[None]] | None = None) -> list[dict[str, object]]:
     for reader in readers:  # everyone imported and connected: start together
         assert await reader.receive_until(b"\n", 1 << 16) == b"ready"
     for process in processes:
         assert process.stdin is not None
         await process.stdin.send(b"go\n")
     results = []
-    for process, reader in zip(processes, readers, strict=True):
-        results.append(json.loads(await reader.receive_until(b"\n", 1 << 20)))
-        await process.wait()
+    async with anyio.create_task_group() as group:
+        if during is not None:
+            group.start_soon(during)
+        for process, reader in zip(processes, readers, strict=True):
+            results.append(json.loads(await reader.receive_until(b"\n", 1 << 20)))
+            await process.wait()
     return results
 
 
