@@ -17,7 +17,8 @@ HTTPX_MODULES = {"amp_cohorts_async._http"}
 # Public signatures name httpx types; these may import httpx for annotations only.
 HTTPX_ANNOTATIONS_ONLY = {"amp_cohorts_async._client", "amp_cohorts_async._exceptions"}
 # Layers above the client, which may use it.
-ABOVE_THE_CLIENT = ("amp_cohorts_async.cli", "amp_cohorts_async._client")
+ABOVE_THE_CLIENT = ("amp_cohorts_async.cli", "amp_cohorts_async._client",
+                    "amp_cohorts_async.dlt")
 
 
 def module_name(path: pathlib.Path) -> str:
