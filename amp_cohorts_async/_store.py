@@ -173,8 +173,8 @@ class DirectoryStore:
             descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS,
                                  0o600)
             try:
+                # A write is enough: a full disk refuses it (space is reserved at write time).
                 os.write(descriptor, b"probe\n")
-                os.fsync(descriptor)
             finally:
                 os.close(descriptor)
                 probe.unlink(missing_ok=True)
@@ -300,19 +300,31 @@ class DirectoryStore:
         large files cannot hash them all); any other is hashed and compared with the
         recorded sha256, as every file is with ``thorough=True``.
         """
+        return await anyio.to_thread.run_sync(self._verified_copy, cohort_id, entry, thorough)
+
+    async def verified_copies(self, entries: dict[str, JournalEntry | None]
+                              ) -> dict[str, DownloadResult | None]:
+        """``verified_copy`` of many cohorts in one worker-thread call (a stat each)."""
+
+        def verify_all() -> dict[str, DownloadResult | None]:
+            return {c: self._verified_copy(c, e, False) for c, e in entries.items()}
+
+        return await anyio.to_thread.run_sync(verify_all)
+
+    def _verified_copy(self, cohort_id: str, entry: JournalEntry | None,
+                       thorough: bool) -> DownloadResult | None:
         if (entry is None or entry.file != safe_filename(cohort_id) or not entry.sha256
                 or entry.file_request_id is None):
             return None
         path = self.directory / entry.file
         try:
-            info = await anyio.Path(path).lstat()
+            info = os.lstat(path)
         except OSError:
             return None
         if not stat.S_ISREG(info.st_mode):
             return None
         same_stat = (entry.mtime_ns == info.st_mtime_ns and entry.size_bytes == info.st_size)
-        if (thorough or not same_stat) and (
-                await anyio.to_thread.run_sync(_sha256_of, path) != entry.sha256):
+        if (thorough or not same_stat) and _sha256_of(path) != entry.sha256:
             return None
         return DownloadResult(cohort_id=cohort_id, request_id=entry.file_request_id, path=path,
                               size_bytes=info.st_size, sha256=entry.sha256,

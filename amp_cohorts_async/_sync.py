@@ -48,10 +48,8 @@ class _Look:
     entry: JournalEntry | None
 
 
-async def _look(store: DirectoryStore, cohort_id: str, key: str, listed: str | None,
-                now: datetime) -> _Look:
-    entry = store.entries.get(key)
-    copy = await store.verified_copy(cohort_id, entry)
+def _look(entry: JournalEntry | None, copy: DownloadResult | None, cohort_id: str,
+          listed: str | None, now: datetime) -> _Look:
     unchanged = (copy is not None and entry is not None and listed is not None
                  and entry.last_computed == listed)
     reusable = None
@@ -93,10 +91,12 @@ async def sync_cohorts(
     entries: dict[str, SyncEntry] = {}
     looks: dict[str, _Look] = {}
     wanted: list[str] = []  # cohorts that need a new cohort request
+    found = {c: store.entries.get(journal_key(c, export)) for c in unique}
+    copies = await store.verified_copies(found)
     for cohort_id in unique:
         cohort = listed.get(cohort_id)
-        look = await _look(store, cohort_id, journal_key(cohort_id, export),
-                           None if cohort is None else _listed_time(cohort), now)
+        look = _look(found[cohort_id], copies[cohort_id], cohort_id,
+                     None if cohort is None else _listed_time(cohort), now)
         looks[cohort_id] = look
         if cohort is None:
             entries[cohort_id] = _entry("missing", cohort_id, None, look.copy)
@@ -201,8 +201,9 @@ class _Run:
         store = self.store
         async with store.cohort_lock(cohort_id):
             # Decide again: another run may have exported this change while we waited.
-            await store.load()
-            look = await _look(store, cohort_id, key, listed, self.scheduler.wall_clock())
+            entry = (await store.load()).get(key)
+            look = _look(entry, await store.verified_copy(cohort_id, entry), cohort_id, listed,
+                         self.scheduler.wall_clock())
             if look.unchanged:
                 return _entry("unchanged", cohort_id, cohort, look.copy)
             if look.reusable is None and cohort_id not in self.allowed:
