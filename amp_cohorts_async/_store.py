@@ -364,7 +364,13 @@ class DirectoryStore:
         lock = _Flock(directory / safe_filename(cohort_id, ".lock"))
         waited = False
         delay = _LOCK_POLL_FIRST
-        while not await anyio.to_thread.run_sync(lock.try_acquire, directory):
+        while True:
+            # Shielded: a try that took the lock must come back to us, or the lock would stay
+            # held (a cancelled wait for a thread discards its result). It never blocks.
+            with anyio.CancelScope(shield=True):
+                acquired = await anyio.to_thread.run_sync(lock.try_acquire, directory)
+            if acquired:
+                break
             waited = True
             await anyio.sleep(delay)
             delay = min(_LOCK_POLL_MAX, delay * 2)

@@ -184,3 +184,21 @@ async def test_journal_temps_of_a_killed_writer_are_removed_and_no_one_elses(
     assert outcome.ok
     assert not ours.exists()
     assert all(path.exists() for path in look_alikes)
+
+
+async def test_a_lock_wait_cancelled_mid_try_does_not_keep_the_lock(tmp_path: pathlib.Path
+                                                                    ) -> None:
+    store = DirectoryStore(tmp_path)
+
+    async def hold() -> None:
+        async with store.cohort_lock("c1"):
+            await anyio.sleep_forever()
+
+    for _ in range(3):
+        async with anyio.create_task_group() as group:
+            group.start_soon(hold)
+            await anyio.sleep(0)  # hold() is now waiting for its try in a worker thread
+            group.cancel_scope.cancel()
+    with anyio.fail_after(5):
+        async with store.cohort_lock("c1") as waited:
+            assert not waited
