@@ -8,8 +8,9 @@ down cancels them cleanly (no partial files), and their progress can be polled.
     AMPLITUDE_API_KEY=... AMPLITUDE_SECRET_KEY=... uvicorn examples.fastapi_app:app
 
 Under several workers (``uvicorn --workers 4``, gunicorn) each worker is a process with its
-own client; set AMPLITUDE_LIMITS_URL=redis://host:6379/0 so that all of them draw from one
-set of limits (the account's) instead of four:
+own client; they draw from one set of limits (the account's) instead of four through a file
+in the user's cache (``amp.FileLimits``) on one host, or, across hosts, through the Redis that
+AMPLITUDE_LIMITS_URL names:
 
     AMPLITUDE_LIMITS_URL=redis://localhost:6379/0 uvicorn examples.fastapi_app:app --workers 4
 """
@@ -61,14 +62,15 @@ Client = Annotated[amp.CohortsClient, Depends(get_client)]
 
 
 def client_from_environment() -> amp.CohortsClient:
-    """Keys (and AMPLITUDE_BASE_URL) from the environment; with AMPLITUDE_LIMITS_URL set, the
-    limits are shared on that Redis with every other worker process of the app."""
+    """Keys (and AMPLITUDE_BASE_URL) from the environment. The limits are shared with every
+    other worker process of the app: on the Redis AMPLITUDE_LIMITS_URL names, else in a file
+    on this host."""
     url = os.environ.get("AMPLITUDE_LIMITS_URL")
     if url:
         from amp_cohorts_async.redis import RedisLimits
 
         return amp.CohortsClient(limits_backend=RedisLimits.from_url(url))
-    return amp.CohortsClient()
+    return amp.CohortsClient(limits_backend=amp.FileLimits())
 
 
 def create_app(
@@ -87,7 +89,7 @@ def create_app(
                 yield
                 tasks.cancel_scope.cancel()  # shutting down: stop downloads, no partial file
         finally:
-            await client.scheduler.backend.aclose()  # the Redis connections, if shared
+            await client.scheduler.backend.aclose()  # the Redis connections or the file
 
     app = FastAPI(lifespan=lifespan)
 

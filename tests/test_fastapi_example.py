@@ -69,7 +69,7 @@ async def test_shutdown_cancels_downloads_and_leaves_no_partial_file(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_workers_share_limits_when_a_limits_url_is_set(
+def test_workers_share_limits_in_a_file_or_on_redis(
     monkeypatch: pytest.MonkeyPatch, redis_url: str
 ) -> None:
     from fastapi_app import client_from_environment
@@ -79,6 +79,6 @@ def test_workers_share_limits_when_a_limits_url_is_set(
     monkeypatch.setenv("AMPLITUDE_API_KEY", "k")
     monkeypatch.setenv("AMPLITUDE_SECRET_KEY", "s")
     monkeypatch.delenv("AMPLITUDE_LIMITS_URL", raising=False)
-    assert isinstance(client_from_environment().scheduler.backend, amp.InMemoryLimits)
+    assert isinstance(client_from_environment().scheduler.backend, amp.FileLimits)
     monkeypatch.setenv("AMPLITUDE_LIMITS_URL", redis_url)
     assert isinstance(client_from_environment().scheduler.backend, RedisLimits)
