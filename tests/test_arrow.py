@@ -120,11 +120,17 @@ async def test_content_that_is_not_an_export(tmp_path: pathlib.Path) -> None:
         "ragged.csv": b'"amplitude_id","user_id"\n"1"\n',
         "latin1.csv": b'"amplitude_id","user_id"\n"1","\xe9"\n',
         "truncated.csv.gz": gzip.compress(b'"amplitude_id","user_id"\n' * 2000)[:-12],
+        # a copy cut inside a quoted field, which pyarrow's reader alone would take whole
+        "cut_in_a_field.csv": b'"amplitude_id","user_id"\n"1","a"\n"2","b\n',
+        "cut_in_a_field.csv.gz": gzip.compress(b'"amplitude_id","user_id"\n"1","a ""q"""\n"2","b'),
     }
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(amp.ResponseValidationError, match="not a readable cohort export"):
             await batches_of(tmp_path / name)
+        if name.startswith("cut_in_a_field"):  # iter_members refuses it too
+            with pytest.raises(amp.ResponseValidationError):
+                [row async for row in amp.iter_members(tmp_path / name)]
 
 
 async def test_bad_paths_and_batch_sizes(tmp_path: pathlib.Path) -> None:
