@@ -139,9 +139,9 @@ async def test_a_lease_not_renewed_expires_and_is_reported(backend: SharedLimits
     assert await backend.release([taken], None) == 0
 
 
-async def test_a_held_exchange_keeps_its_lease(redis_url: str) -> None:
-    async with RedisLimits.from_url(redis_url, namespace=uuid.uuid4().hex,
-                                    lease_ttl=0.5) as limits:
+async def test_a_held_exchange_keeps_its_lease(open_backend: Callable[[], SharedLimits]
+                                              ) -> None:
+    async with open_backend() as limits:
         with FakeAmplitude() as fake:
             async with fake.serve() as base_url, amp.CohortsClient(
                 fake.api_key, fake.secret_key, base_url=base_url, limits_backend=limits,
