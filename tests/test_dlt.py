@@ -216,3 +216,10 @@ def test_the_duckdb_example_loads_then_loads_only_the_change(tmp_path: pathlib.P
     assert "cohort requests this run: 1" in second  # churn_risk only
     assert "joined since the last run: churn_risk +120\n" in second  # 10 % churn of 1,200
     assert "power_users Cohort power_users              5,000" in second
+
+
+@pytest.mark.parametrize("bad", [{"cohort_ids": "abc"}, {"cohort_ids": ["ok", ""]},
+                                 {"cohort_ids": [3]}, {"props": "yes"}])
+def test_bad_arguments_are_refused_before_anything_runs(bad: dict[str, Any]) -> None:
+    with pytest.raises(amp.InvalidRequestError):
+        amplitude_cohorts(**{"api_key": "k", "secret_key": "s", **bad})
