@@ -30,11 +30,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from ._config import Limits
 from ._exceptions import InvalidRequestError, QuotaExceededError
@@ -51,6 +51,7 @@ from ._validate import require_encodable
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
@@ -295,15 +296,29 @@ return 0
 """)
 
 
+def _credentials_are_ambiguous(url: str) -> bool:
+    """Whether the user name or password of ``url`` holds an unescaped ``/``, ``?`` or ``#``.
+
+    A URL parser then takes part of the password for the host, the port or the path (and
+    would connect there, and name it in its errors); nothing can tell where it ends.
+    """
+    rest = url.partition("://")[2]
+    userinfo, at, _ = rest.rpartition("@")
+    return bool(at) and any(c in userinfo for c in "/?#")
+
+
 def _safe_url(url: str) -> str:
-    """``url`` without its user name and password, for messages."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        return "<unparsable Redis URL>"
+    """``url`` as messages may show it: scheme, host, port and path, never the user name, the
+    password or the query (which may hold ``password=``)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or _credentials_are_ambiguous(url):
+        return f"{scheme or 'redis'}://<not shown>"
+    rest = rest.rpartition("@")[2]
+    rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    address, _, path = rest.partition("/")
+    if not re.fullmatch(r"([\w.-]*|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?", address):
+        return f"{scheme}://<not shown>"
+    return f"{scheme}://{address}" + (f"/{path}" if path else "")
 
 
 class RedisLimits:
@@ -362,20 +377,37 @@ class RedisLimits:
 
     @classmethod
     def from_url(
-        cls, url: str, *, namespace: str | None = None, lease_ttl: float = 30.0
+        cls, url: str, *, namespace: str | None = None, lease_ttl: float = 30.0,
+        cluster: bool = False,
     ) -> RedisLimits:
         """Limits on the Redis at ``url`` (``redis://[:password@]host:port/db``,
-        ``rediss://`` for TLS, ``unix://``). Nothing connects until the first request."""
-        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise InvalidRequestError("the limits URL must start with redis://, rediss:// or "
-                                      "unix://")
-        require_encodable(url, "the limits URL")
+        ``rediss://`` for TLS, ``unix://``). Nothing connects until the first request.
+
+        ``cluster=True``: ``url`` names one node of a Redis Cluster (redis-py's cluster
+        client finds the others); every key of one app lives in one hash slot. No error
+        message ever shows any part of the user name or password, however malformed the URL.
+        """
+        schemes = ("redis://", "rediss://") if cluster else ("redis://", "rediss://", "unix://")
+        if not isinstance(url, str) or not url.startswith(schemes):
+            raise InvalidRequestError(f"the limits URL must start with {', '.join(schemes)}")
         try:
-            client = aioredis.Redis.from_url(
-                url, socket_connect_timeout=5.0, socket_timeout=10.0, decode_responses=True
-            )
-        except (ValueError, RedisError) as exc:
-            raise InvalidRequestError(f"invalid limits URL {_safe_url(url)}: {exc}") from None
+            require_encodable(url, "the limits URL")
+        except InvalidRequestError:
+            raise InvalidRequestError("the limits URL is not valid text (a byte that is not "
+                                      "UTF-8); it is not shown, as it may hold a password"
+                                      ) from None
+        if _credentials_are_ambiguous(url):
+            raise InvalidRequestError(
+                f"the limits URL {_safe_url(url)} has '/', '?' or '#' before its last '@', in "
+                "the user name or password: percent-encode them there (%2F, %3F, %23)")
+        factory = RedisCluster.from_url if cluster else aioredis.Redis.from_url
+        try:
+            client = factory(url, socket_connect_timeout=5.0, socket_timeout=10.0,
+                             decode_responses=True)
+        except (ValueError, TypeError, RedisError) as exc:
+            # The parser's own words may quote the URL (the password included): not shown.
+            raise InvalidRequestError(f"invalid limits URL {_safe_url(url)} "
+                                      f"({type(exc).__name__})") from None
         return cls(client, url=url, namespace=namespace, lease_ttl=lease_ttl)
 
     def __repr__(self) -> str:

@@ -73,12 +73,12 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _redis_binary() -> str:
-    """redis-server's path; skips the test without it, except where AMP_REQUIRE_REDIS is set
-    (CI): there it fails, so a missing server can never pass as green."""
-    binary = shutil.which("redis-server")
+def _redis_binary(name: str = "redis-server", package: str = "redis-server") -> str:
+    """The path of a Redis program; skips the test without it, except where AMP_REQUIRE_REDIS
+    is set (CI): there it fails, so a missing server can never pass as green."""
+    binary = shutil.which(name)
     if binary is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
+        message = f"{name} is not installed (apt-get install {package})"
         if os.environ.get("AMP_REQUIRE_REDIS"):
             pytest.fail(message)
         pytest.skip(message)
@@ -151,3 +151,52 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000) is free too."""
+    for _ in range(100):
+        port = _free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    pytest.fail("no free port pair for a cluster node")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis Cluster of 3 masters on loopback, made for the run with redis-cli; the URL of
+    one node (the cluster client finds the others)."""
+    binary = _redis_binary()
+    cli = _redis_binary("redis-cli", "redis-tools")
+    directory = tmp_path_factory.mktemp("cluster")
+    ports = [_free_cluster_port() for _ in range(3)]
+    nodes = [subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+         "--cluster-config-file", f"nodes-{port}.conf", "--dir", str(directory), "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in ports]
+    try:
+        for port, node in zip(ports, nodes, strict=True):
+            _wait_for_port(port, node)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=60)
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in subprocess.run(
+                [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True,
+                timeout=10).stdout for port in ports):
+            if time.monotonic() > deadline:
+                pytest.fail("the Redis Cluster did not come up")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait(10)

@@ -223,6 +223,83 @@ async def test_the_servers_month_is_the_calendar_month(redis_url: str) -> None:
     assert months == [datetime.fromtimestamp(m, UTC).strftime("%Y-%m") for m in moments]
 
 
+async def test_a_redis_cluster_shares_the_limits(redis_cluster_url: str,
+                                                tmp_path: pathlib.Path) -> None:
+    """Two clients, each with its own cluster client, share one budget on a 3-master Redis
+    Cluster: every key of the app in one hash slot, no violation, every cohort started once."""
+    from redis.asyncio.cluster import RedisCluster
+
+    namespace = uuid.uuid4().hex
+    with FakeAmplitude(limits=SCALED, job_duration=0.2) as fake:
+        ids = [fake.add_cohort(f"c{i:02d}", size=5).id for i in range(24)]
+        async with RedisLimits.from_url(redis_cluster_url, namespace=namespace, lease_ttl=1.0,
+                                        cluster=True) as one, \
+                RedisLimits.from_url(redis_cluster_url, namespace=namespace, lease_ttl=1.0,
+                                     cluster=True) as two:
+            outcomes: list[amp.CohortOutcome] = []
+
+            async def batch(limits: RedisLimits, part: list[str], directory: str) -> None:
+                async with amp.CohortsClient(
+                    fake.api_key, fake.secret_key, transport=fake.transport(), limits=SCALED,
+                    limits_backend=limits, poll=amp.PollPolicy(initial_interval=0.1,
+                                                               max_interval=0.2),
+                ) as client:
+                    outcomes.extend(await client.download_cohorts(part, tmp_path / directory))
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(batch, one, ids[::2], "one")
+                    group.start_soon(batch, two, ids[1::2], "two")
+            assert one.state_losses == two.state_losses == 0
+        cluster = RedisCluster.from_url(redis_cluster_url, decode_responses=True)
+        async with cluster:
+            keys = [key async for key in cluster.scan_iter(f"amp-cohorts:{{{namespace}}}:*")]
+            slots = {await cluster.cluster_keyslot(key) for key in keys}
+    assert len(keys) >= 3  # the state, the window log, the quota
+    assert len(slots) == 1
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
+    assert fake.violations == []
+    assert started_cohorts(fake) == sorted(ids)
+
+
+# Passwords made of distinctive pieces: no piece may show in any message.
+PIECES = ("Qx7", "Zk9", "Vw3", "Jm5")
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:Qx7/Zk9#Vw3?Jm5@127.0.0.1:1/0",
+    "redis://user:Qx7#Zk9@127.0.0.1:1/0",
+    "redis://:Qx7?Zk9@127.0.0.1:1/0",
+    "redis://:Qx7/Zk9@127.0.0.1:1/0",
+    "redis://:6379/Qx7@127.0.0.1:1/0",  # a password that looks like a port and a path
+    "redis://:Qx7@Zk9@127.0.0.1:1/0",  # an unescaped '@'
+    "redis://:Qx7Zk9@127.0.0.1:notaport/0",
+    "redis://:Qx7Zk9@127.0.0.1:1/notadb",
+    "redis://:Qx7Zk9@[::1/0",
+    "redis://127.0.0.1:1/0?password=Qx7/Zk9@Vw3",
+    "redis://:Qx7Zk9\udcff@127.0.0.1:1/0",  # a byte that was not UTF-8
+    "rediss://Jm5:Qx7 Zk9@127.0.0.1:1/0",
+    "unix://:Qx7/Zk9@/tmp/no-such.sock",
+])
+async def test_no_part_of_the_password_is_ever_shown(url: str) -> None:
+    """However malformed the URL: refused at once, or failing to connect, neither message nor
+    repr shows any part of the password."""
+    messages = []
+    try:
+        limits = RedisLimits.from_url(url)
+    except amp.InvalidRequestError as error:
+        messages.append(str(error))
+    else:
+        messages.append(repr(limits))
+        async with limits:
+            limits.bind(amp.Limits(), "app")
+            with pytest.raises(amp.LimitsBackendError) as caught:
+                await limits.acquire(slot())
+            messages.append(str(caught.value))
+    for text in messages:
+        assert not [piece for piece in PIECES if piece in text], text
+
+
 @pytest.mark.parametrize("bad", [
     lambda: RedisLimits.from_url("http://host"),
     lambda: RedisLimits.from_url("redis://h", lease_ttl=0),
