@@ -1,4 +1,5 @@
-"""Work beside the caller: a helper task alongside a block; a thread that stops when asked."""
+"""Work beside the caller: a helper task alongside a block; a thread that stops when asked;
+a task group's one error."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any, TypeVar
 
 import anyio
 
-__all__ = ("alongside", "run_stoppable")
+from ._exceptions import AmplitudeError
+
+__all__ = ("alongside", "run_stoppable", "single_error")
 
 T = TypeVar("T")
 
@@ -64,3 +67,23 @@ async def run_stoppable(work: Callable[[Callable[[], None]], T]) -> T:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(finished.wait)
         raise
+
+
+def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a task group's exception group stands for, to raise as itself.
+
+    A library error first (the others are the cancellations it caused), else the first error.
+    No caller of a public coroutine should have to unwrap an exception group.
+    """
+    flat: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        else:
+            flat.append(error)
+    for error in flat:
+        if isinstance(error, AmplitudeError):
+            return error
+    return flat[0]

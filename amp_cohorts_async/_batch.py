@@ -14,10 +14,11 @@ from typing import TypeVar
 import anyio
 
 from ._api import Api
+from ._background import single_error
 from ._download import Downloader
 from ._events import Progress, ProgressCallback
 from ._exceptions import AmplitudeError, CohortJobError, NotFoundError, QuotaExceededError
-from ._files import safe_filename
+from ._files import disk_error, safe_filename
 from ._models import CohortOutcome, CohortRequest, DownloadResult, ExportOptions
 from ._scheduler import Scheduler
 from ._store import DirectoryStore, journal_key, utc_now_iso
@@ -80,7 +81,8 @@ async def fan_out(
     cohort_ids: Sequence[str], sizes: dict[str, int], job: Callable[[str], Awaitable[T]]
 ) -> dict[str, T | AmplitudeError]:
     """Run ``job`` for every cohort at once (the scheduler paces them); one cohort's
-    AmplitudeError is its own result and never cancels the others.
+    AmplitudeError (an OSError too, as a DiskError) is its own result and never cancels the
+    others; anything else (a bug) is raised as itself, never as an exception group.
 
     Export time grows with cohort size: the largest start first (unknown sizes keep their
     order), so the long jobs overlap the rate-limit waits instead of trailing at the end.
@@ -92,11 +94,16 @@ async def fan_out(
             results[cohort_id] = await job(cohort_id)
         except AmplitudeError as error:
             results[cohort_id] = error
+        except OSError as error:  # a disk below the cohort's export: this cohort's failure
+            results[cohort_id] = disk_error(error, None)
 
     order = sorted(cohort_ids, key=lambda c: -sizes.get(c, -1))  # stable
-    async with anyio.create_task_group() as group:
-        for cohort_id in order:
-            group.start_soon(run, cohort_id)
+    try:
+        async with anyio.create_task_group() as group:
+            for cohort_id in order:
+                group.start_soon(run, cohort_id)
+    except BaseExceptionGroup as failure:  # a cancellation, or a bug: never a group
+        raise single_error(failure) from None
     return results
 
 

@@ -24,7 +24,8 @@ import anyio
 from ._exceptions import DiskError, InvalidRequestError
 from ._validate import text_path
 
-__all__ = ("AtomicFile", "disk_errors", "make_directory", "resolve_target", "safe_filename")
+__all__ = ("AtomicFile", "disk_error", "disk_errors", "make_directory", "resolve_target",
+           "safe_filename")
 
 WRITE_PIECE = 64 << 10  # bytes per write call (see _write_in_pieces)
 WRITE_BEHIND = 32 << 20  # bytes between two write-back starts of the threaded leg
@@ -134,14 +135,22 @@ def _open_temp(path: pathlib.Path) -> IO[bytes]:
     return open(path, "xb")
 
 
+def disk_error(exc: OSError, path: pathlib.Path | None, doing: str = "write") -> DiskError:
+    """The DiskError that names the file (or directory) and what failed."""
+    where = exc.filename if isinstance(exc.filename, str) else str(path or "the destination")
+    error = DiskError(f"cannot {doing} {where}: {exc.strerror or exc}", errno=exc.errno,
+                      path=where)
+    error.__cause__ = exc
+    return error
+
+
 @contextlib.contextmanager
 def disk_errors(path: pathlib.Path, doing: str = "write") -> Iterator[None]:
-    """An OSError of the disk as the DiskError that names the file and what failed."""
+    """An OSError of the disk, raised as the DiskError that names the file."""
     try:
         yield
     except OSError as exc:
-        raise DiskError(f"cannot {doing} {path}: {exc.strerror or exc}", errno=exc.errno,
-                        path=str(path)) from None
+        raise disk_error(exc, path, doing) from None
 
 
 class AtomicFile:

@@ -18,10 +18,10 @@ import anyio
 import attrs
 import httpx
 
+from ._background import single_error
 from ._body import Body, Sink
 from ._config import DownloadPolicy, is_loopback
 from ._exceptions import (
-    AmplitudeError,
     APIStatusError,
     DownloadError,
     InvalidRequestError,
@@ -365,7 +365,7 @@ class StreamedBody:
         except BaseExceptionGroup as group:
             # The writer failed (the disk, a bad body) and the reader was cancelled, or the
             # other way round: raise the one error as itself, never wrapped in a group.
-            raise _one_error(group) from None
+            raise single_error(group) from None
         if broken is not None:
             raise broken
         return received
@@ -385,18 +385,3 @@ class StreamedBody:
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response.request) from None
 
-
-def _one_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error a task group of two stood for: a library error before a cancellation."""
-    flat: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        error = pending.pop()
-        if isinstance(error, BaseExceptionGroup):
-            pending.extend(error.exceptions)
-        else:
-            flat.append(error)
-    for error in flat:
-        if isinstance(error, AmplitudeError):
-            return error
-    return flat[0]

@@ -25,7 +25,7 @@ import threading
 import urllib.request
 from base64 import b64encode
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TypeVar
+from typing import Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -207,23 +207,54 @@ class BlockingGetter:
         return tunnel
 
 
+class _Call(Generic[T]):
+    """One blocking call of the leg, handed to a worker thread, and whether it has started.
+
+    A call cancelled before a thread picked it up must never run (anyio then skips it, and no
+    one would ever report it finished); one cancelled while it runs is stopped by aborting the
+    leg, and waited for.
+    """
+
+    def __init__(self, work: Callable[[], T]) -> None:
+        self._work = work
+        self._lock = threading.Lock()
+        self._state = "queued"  # -> "running" -> "over", or -> "dropped"
+        self.over = threading.Event()
+
+    def run(self) -> T:
+        with self._lock:
+            if self._state == "dropped":
+                raise TransportError("download cancelled", never_sent=True)
+            self._state = "running"
+        try:
+            return self._work()
+        finally:
+            with self._lock:
+                self._state = "over"
+            self.over.set()
+
+    def drop(self) -> bool:
+        """Never start it; True if it is already running (the caller must stop it)."""
+        with self._lock:
+            if self._state == "queued":
+                self._state = "dropped"
+            return self._state == "running"
+
+
 async def run_abortable(work: Callable[[], T], leg: Leg) -> T:
     """``work()`` in a worker thread; cancelled, it aborts ``leg`` and waits for the thread.
 
-    The thread must be over before the caller goes on (and removes the temp file it writes).
+    The thread must be over before the caller goes on (and removes the temp file it writes);
+    aborting the leg shuts its socket down, so a thread blocked in a read or a connect returns
+    at once, and a call that had not started yet never will.
     """
-    finished = threading.Event()
-
-    def tracked() -> T:
-        try:
-            return work()
-        finally:
-            finished.set()
-
+    call = _Call(work)
     try:
-        return await anyio.to_thread.run_sync(tracked, abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(call.run, abandon_on_cancel=True)
     except BaseException:
+        running = call.drop()
         leg.abort()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(finished.wait, 30.0)
+        if running:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(call.over.wait)
         raise

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import anyio
 import pytest
 
 import amp_cohorts_async as amp
@@ -17,8 +18,22 @@ from amp_cohorts_async.testing import FakeAmplitude, threads_visible_to_looptime
 FAST_POLL = amp.PollPolicy(initial_interval=1.0, max_interval=5.0, deadline=3600.0)
 
 
+async def finished_export(client: amp.CohortsClient, cohort_id: str) -> amp.CohortRequest:
+    """An export of ``cohort_id`` requested and, in real time, ready at the emulator."""
+    request = await client.request_cohort(cohort_id)
+    while not (await client.get_request_status(request.request_id)).done:
+        await anyio.sleep(0.02)
+    return request
+
+
 @pytest.fixture(autouse=True)
-def _threads_visible_to_looptime() -> Iterator[None]:
+def _threads_visible_to_looptime(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Virtual-time tests route anyio's worker threads through the loop's executor (see
+    ``threads_visible_to_looptime``); every other test keeps anyio's own thread runner, so the
+    production cancellation of worker threads is what those tests exercise."""
+    if request.node.get_closest_marker("looptime") is None:
+        yield
+        return
     with threads_visible_to_looptime():
         yield
 

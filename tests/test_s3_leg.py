@@ -24,6 +24,8 @@ from amp_cohorts_async._files import AtomicFile
 from amp_cohorts_async._sink import BodySink
 from amp_cohorts_async.testing import FakeAmplitude
 
+from .conftest import finished_export
+
 POLL = amp.PollPolicy(initial_interval=0.05, max_interval=0.2)
 COUNTING = amp.DownloadPolicy(count_members=True)
 
@@ -69,9 +71,7 @@ async def test_cancelled_at_random_points_the_thread_stops_and_nothing_is_left(
         async with fake.serve() as base_url, amp.CohortsClient(
             fake.api_key, fake.secret_key, base_url=base_url, poll=POLL,
         ) as client:
-            request = await client.request_cohort("big")
-            while not (await client.get_request_status(request.request_id)).done:
-                await anyio.sleep(0.02)
+            request = await finished_export(client, "big")
             delay = random.Random(seed).uniform(0.05, 1.0)
             started = time.monotonic()
             with anyio.move_on_after(delay) as scope:
@@ -84,6 +84,31 @@ async def test_cancelled_at_random_points_the_thread_stops_and_nothing_is_left(
             result = await client.download_file(request.request_id, tmp_path / "big.csv")
         assert hashlib.sha256(result.path.read_bytes()).hexdigest() == result.sha256
         assert result.path.read_bytes() == fake.export_bytes(request.request_id)
+
+
+async def test_cancelled_as_the_leg_starts_it_stops_at_once(tmp_path: pathlib.Path) -> None:
+    """Cancelled at 40 points around the start of the S3 leg's worker thread, every download
+    stops within seconds, with anyio's own worker threads (no virtual time here). A worker call
+    cancelled before a thread picked it up was skipped, and the wait for its end ran out its
+    30 s (4 runs in 30 of this loop did)."""
+    with FakeAmplitude(inline_threshold=1024) as fake:
+        fake.add_cohort("big", size=60_000)
+        async with fake.serve() as base_url, amp.CohortsClient(
+            fake.api_key, fake.secret_key, base_url=base_url, poll=POLL,
+        ) as client:
+            request = await finished_export(client, "big")
+            await client.download_file(request.request_id, tmp_path / "whole.csv")
+            for point in range(40):
+                delay = random.Random(point).uniform(0.0, 0.06)
+                started = time.monotonic()
+                with anyio.move_on_after(delay):
+                    await client.download_file(request.request_id, tmp_path / "big.csv")
+                # The bug cost 30 s; a generous bound keeps a loaded machine from flaking.
+                assert time.monotonic() - started - delay < 5, f"point {point}"
+                assert threads_in_the_leg() == []
+                assert sorted(p.name for p in tmp_path.iterdir()) in (
+                    ["whole.csv"], ["big.csv", "whole.csv"])  # whole files only
+                (tmp_path / "big.csv").unlink(missing_ok=True)
 
 
 async def test_progress_flows_from_the_thread(tmp_path: pathlib.Path) -> None:

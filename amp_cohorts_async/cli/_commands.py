@@ -15,7 +15,7 @@ import anyio
 
 from .._client import CohortsClient
 from .._diff import diff_members
-from .._exceptions import InvalidRequestError, NotFoundError
+from .._exceptions import DiskError, InvalidRequestError, NotFoundError
 from .._models import Cohort, CohortOutcome, DownloadResult, MembershipChange, Operation
 from .._store import DirectoryStore, Plan
 from .._validate import export_options, require_id
@@ -133,11 +133,15 @@ async def cmd_download(client: CohortsClient, args: argparse.Namespace, out: IO[
 
 
 def _exit_code_of(outcomes: list[CohortOutcome]) -> int:
-    """0 all fine; 4 when every failure is a cohort that does not exist; 1 otherwise."""
+    """0 all fine; 4 when every failure is a cohort that does not exist; 2 when every failure
+    is a file that could not be written (a full disk); 1 otherwise."""
     errors = [o.error for o in outcomes if o.error is not None]
     if not errors:
         return 0
-    return 4 if all(isinstance(e, NotFoundError) for e in errors) else 1
+    for kind, code in ((NotFoundError, 4), (DiskError, 2)):
+        if all(isinstance(e, kind) for e in errors):
+            return code
+    return 1
 
 
 async def _earlier_batch(directory: pathlib.Path, ids: list[str], props: bool,

@@ -4,8 +4,9 @@ Credentials come from the environment: AMPLITUDE_API_KEY and AMPLITUDE_SECRET_KE
 (AMPLITUDE_BASE_URL and AMPLITUDE_LIMITS_URL are read too). Also: python -m amp_cohorts_async.
 
 Every failure prints one line and exits non-zero: 2 bad input (arguments, files that cannot
-be read or written), 3 authentication, 4 not found, 5 quota or limits, 6 an upload in which
-no id matched, 1 any other failure, 130 interrupted; add --debug for a traceback. Ctrl-C stops
+be read or written, a full disk), 3 authentication, 4 not found, 5 quota or limits, 6 an
+upload in which no id matched, 1 any other failure, 130 interrupted; add --debug for a
+traceback. Ctrl-C stops
 cleanly: no partial file is left, and download --resume continues the batch without spending
 quota again on what was done.
 """
@@ -26,6 +27,7 @@ from .._config import REGIONS, DownloadPolicy, PollPolicy
 from .._exceptions import (
     AmplitudeError,
     AuthenticationError,
+    DiskError,
     InvalidRequestError,
     NotFoundError,
     QuotaExceededError,
@@ -46,6 +48,7 @@ __all__ = ("build_parser", "main")
 
 EXIT_CODES: tuple[tuple[type[AmplitudeError], int], ...] = (
     (InvalidRequestError, 2),
+    (DiskError, 2),  # a file that cannot be written: a full disk, a read-only directory
     (AuthenticationError, 3),
     (NotFoundError, 4),
     (QuotaExceededError, 5),
