@@ -16,6 +16,7 @@ import functools
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import anyio
 import anyio.to_thread
 
 T = TypeVar("T")
@@ -24,10 +25,18 @@ __all__ = ("run_in_virtual_time", "threads_visible_to_looptime")
 
 
 async def _run_sync_in_loop_executor(
-    func: Callable[..., T], *args: Any, **_options: Any
+    func: Callable[..., T], *args: Any, abandon_on_cancel: bool = False, **_options: Any
 ) -> T:
+    """anyio's semantics on the loop's executor: a call that may not be abandoned is waited
+    for even when the caller is cancelled (the cancellation arrives once it is over), so
+    nothing runs on in a thread after its caller has cleaned up."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, functools.partial(func, *args))
+    future = loop.run_in_executor(None, functools.partial(func, *args))
+    if abandon_on_cancel:
+        return await future
+    with anyio.CancelScope(shield=True):
+        result = await future
+    return result
 
 
 @contextlib.contextmanager
