@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -18,7 +19,7 @@ from ._background import single_error
 from ._download import Downloader
 from ._events import Progress, ProgressCallback
 from ._exceptions import AmplitudeError, CohortJobError, NotFoundError, QuotaExceededError
-from ._files import disk_error, safe_filename
+from ._files import disk_error, remove_leftovers, safe_filename
 from ._models import CohortOutcome, CohortRequest, DownloadResult, ExportOptions
 from ._scheduler import Scheduler
 from ._store import DirectoryStore, journal_key, utc_now_iso
@@ -43,8 +44,10 @@ async def download_cohorts(
     resume: bool,
 ) -> list[CohortOutcome]:
     """Arguments arrive validated; ``sizes`` (where known) order the largest exports first."""
+    started = time.time()  # temp files last written before this are a dead run's
     store = DirectoryStore(directory)
     await store.check_writable()  # before anything is spent
+    await remove_leftovers(directory, started)
     if resume:
         await store.load()
     unique = list(dict.fromkeys(cohort_ids))

@@ -12,6 +12,7 @@ import hashlib
 import os
 import pathlib
 import random
+import time
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from os import PathLike
@@ -29,7 +30,7 @@ from ._diff import MembershipDiff
 from ._download import Downloader
 from ._events import Progress, ProgressCallback
 from ._exceptions import InvalidRequestError
-from ._files import make_directory, resolve_target
+from ._files import make_directory, remove_leftovers, resolve_target
 from ._http import Credentials, HttpBoundary, http_client_for
 from ._limits import LimitsBackend
 from ._models import (
@@ -379,12 +380,18 @@ class CohortsClient:
         prop_keys: Sequence[str] = (),
         on_progress: ProgressCallback | None = None,
     ) -> DownloadResult:
-        """Request, poll and download one cohort to ``dest`` (a file, or a directory)."""
+        """Request, poll and download one cohort to ``dest`` (a file, or a directory).
+
+        Into a directory, temp files that killed runs left there are removed first.
+        """
+        started = time.time()
         cohort_id = require_id(cohort_id, "cohort_id")
         export = export_options(props, prop_keys)
         progress = Progress(_progress_callback(on_progress), cohort_id)
         target = resolve_target(dest, cohort_id)
         self._check_open()
+        if target != pathlib.Path(os.fspath(dest)):  # dest named the directory
+            await remove_leftovers(target.parent, started)
         return await self._downloader.download_cohort(cohort_id, target, export, progress)
 
     async def download_cohorts(
@@ -400,7 +407,9 @@ class CohortsClient:
         """Download many cohorts concurrently under the limits; one outcome per id, in order.
 
         ``dest_dir`` is created if missing. The largest exports start first (sizes from
-        ``Cohort`` objects, or from one ``list_cohorts()`` call when given ids).
+        ``Cohort`` objects, or from one ``list_cohorts()`` call when given ids). Temp files
+        that killed runs left in ``dest_dir`` are removed first (only this library's, only
+        those no live run holds).
 
         Fresh exports by default. ``resume=True`` continues the previous batch in ``dest_dir``
         from its journal: files it finished (sha256 verified) are kept, its export requests

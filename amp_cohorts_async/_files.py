@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import pathlib
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -24,8 +26,15 @@ import anyio
 from ._exceptions import DiskError, InvalidRequestError
 from ._validate import text_path
 
-__all__ = ("AtomicFile", "disk_error", "disk_errors", "make_directory", "resolve_target",
-           "safe_filename")
+try:  # advisory locks say which temp files a live run is still writing
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: leftovers are never swept
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ("AtomicFile", "disk_error", "disk_errors", "make_directory", "remove_leftovers",
+           "resolve_target", "safe_filename")
+
+logger = logging.getLogger("amp_cohorts_async")
 
 WRITE_PIECE = 64 << 10  # bytes per write call (see _write_in_pieces)
 WRITE_BEHIND = 32 << 20  # bytes between two write-back starts of the threaded leg
@@ -135,6 +144,67 @@ def _open_temp(path: pathlib.Path) -> IO[bytes]:
     return open(path, "xb")
 
 
+# Our temp files, and only ours: a hidden name, the target's, our mark and 12 lower-case hex.
+_TEMP_NAME = re.compile(r"\..+\.amp-[0-9a-f]{12}\.part")
+_OPEN_FLAGS = (os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+
+
+def _temp_name(target: pathlib.Path) -> pathlib.Path:
+    return target.parent / f".{target.name}.amp-{secrets.token_hex(6)}.part"
+
+
+def _lock(path: pathlib.Path) -> int | None:
+    """An exclusive lock on ``path`` held through a descriptor of its own: while it is held,
+    no sweep removes the file (the kernel drops it when the process dies, however it dies)."""
+    if fcntl is None:
+        return None
+    descriptor = os.open(path, _OPEN_FLAGS)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return descriptor
+
+
+async def remove_leftovers(directory: pathlib.Path, started: float) -> None:
+    """Remove the temp files that runs which died left in ``directory`` (see ``_sweep``)."""
+    removed = await anyio.to_thread.run_sync(_sweep, directory, started)
+    if removed:
+        logger.info("removed %d temp file(s) a killed run left in %s: %s", len(removed),
+                    directory, ", ".join(removed))
+
+
+def _sweep(directory: pathlib.Path, started: float) -> list[str]:
+    """Temp files of our own naming, regular files of this user, last written before
+    ``started`` (this run's start, wall clock) and locked by no one: their run is dead.
+    Anything else, and anything that cannot be examined, is left alone."""
+    if fcntl is None:
+        return []
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        if not _TEMP_NAME.fullmatch(entry.name):
+            continue
+        try:
+            descriptor = os.open(entry.path, _OPEN_FLAGS)
+        except OSError:  # a symlink (O_NOFOLLOW), gone, not ours to read
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live run's
+            found = os.fstat(descriptor)
+            if (stat.S_ISREG(found.st_mode) and found.st_uid == os.getuid()
+                    and found.st_mtime < started
+                    and os.stat(entry.path, follow_symlinks=False).st_ino == found.st_ino):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            continue
+        finally:
+            os.close(descriptor)
+    return removed
+
+
 def disk_error(exc: OSError, path: pathlib.Path | None, doing: str = "write") -> DiskError:
     """The DiskError that names the file (or directory) and what failed."""
     where = exc.filename if isinstance(exc.filename, str) else str(path or "the destination")
@@ -162,9 +232,10 @@ class AtomicFile:
 
     def __init__(self, target: pathlib.Path) -> None:
         self.target = target
-        self.temp = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
+        self.temp = _temp_name(target)
         self.size = 0
         self._file: IO[bytes] | None = None
+        self._lock: int | None = None
         self._write_behind: _WriteBehind | None = None
         self._committed = False
 
@@ -172,6 +243,7 @@ class AtomicFile:
         try:
             with disk_errors(self.temp, "create"):
                 self._file = await anyio.to_thread.run_sync(_open_temp, self.temp)
+                self._lock = _lock(self.temp)
         except BaseException:
             # Cancelled while the thread was creating it: the file may exist all the same.
             with anyio.CancelScope(shield=True):
@@ -213,6 +285,7 @@ class AtomicFile:
             self._file.close()
             os.replace(self.temp, self.target)
         self._committed = True
+        self._unlock()
         directory = os.open(self.target.parent, os.O_RDONLY)
         try:
             with contextlib.suppress(OSError):  # the rename is done; a directory sync may fail
@@ -225,6 +298,12 @@ class AtomicFile:
             with contextlib.suppress(OSError):  # a close that flushes into a full disk
                 self._file.close()
         self.temp.unlink(missing_ok=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     # -- async ------------------------------------------------------------------------------
     async def commit(self) -> None:
