@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import attrs
+import httpcore
 import httpx
 
 from ._background import single_error
@@ -29,7 +30,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._redact import install_log_redaction, redact, redact_url
-from ._redirects import check_download_url
+from ._redirects import check_download_url, resolve_download_host
 from ._s3_leg import BlockingGetter
 from ._status import parse_retry_after, status_error_from
 
@@ -250,22 +251,42 @@ class HttpBoundary:
         """GET a presigned URL with only ``headers``: no auth, client headers or cookies.
 
         The one way to a presigned URL, for both stacks: the URL must pass the download policy
-        first (DownloadError before any connection); then a client we own on the network reads
-        it in a worker thread (``_s3_leg``), any other client through httpx.
+        (DownloadError before any connection), its host is resolved once and every address
+        checked, and the connection goes to the address checked; then a client we own on the
+        network reads it in a worker thread (``_s3_leg``), any other client through httpx.
+        Through a proxy, or a transport that is not the network (a mock, the emulator), the
+        host is not resolved here: the proxy or the transport decides where it leads.
         """
         check_download_url(url, self.download_policy, loopback_origin=self._loopback_origin)
         if self.blocking is not None:
-            async with self.blocking.opened(url, headers) as threaded:
+            direct = not self.blocking.proxied(url)
+            address = await self._resolve(url) if direct else None
+            async with self.blocking.opened(url, headers, address) as threaded:
                 yield threaded
             return
-        response = await self._send_external(url, headers)
+        address = await self._resolve(url) if self._direct(url) else None
+        response = await self._send_external(url, headers, address)
         try:
             yield StreamedBody(response)
         finally:
             await response.aclose()
 
-    async def _send_external(self, url: str, headers: Mapping[str, str]) -> httpx.Response:
-        """The httpx GET of a presigned URL.
+    async def _resolve(self, url: str) -> str | None:
+        return await resolve_download_host(url, self.download_policy,
+                                           loopback_origin=self._loopback_origin)
+
+    def _direct(self, url: str) -> bool:
+        """Whether the client connects to ``url``'s host itself: a plain network transport
+        (no proxy, no mock). httpx has no public way to ask which transport serves a URL."""
+        transport = self.http._transport_for_url(httpx.URL(url))
+        pool = getattr(transport, "_pool", None)
+        return isinstance(transport, httpx.AsyncHTTPTransport) and \
+            type(pool) is httpcore.AsyncConnectionPool
+
+    async def _send_external(self, url: str, headers: Mapping[str, str],
+                             address: str | None) -> httpx.Response:
+        """The httpx GET of a presigned URL (to ``address``, when given, instead of a second
+        resolution of its host; TLS still verifies the host name, sent as SNI).
 
         The request is built directly rather than through the client, so nothing the client
         carries (default headers, cookies, ``auth=``) can ride along; S3 answers a request with
@@ -277,6 +298,11 @@ class HttpBoundary:
             raise DownloadError(f"invalid download URL: {redact(str(exc))}") from None
         # A presigned URL answers with the stored object; ask for it unchanged so Range works.
         request.headers["Accept-Encoding"] = "identity"
+        if address is not None:
+            named = request.url
+            request.url = named.copy_with(host=address)
+            request.headers["Host"] = named.netloc.decode("ascii")
+            request.extensions["sni_hostname"] = named.host
         logger.debug("GET %s", redact_url(request.url))
         try:
             return await self.http.send(request, stream=True, follow_redirects=False, auth=None)

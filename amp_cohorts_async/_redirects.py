@@ -4,18 +4,29 @@ A redirect from ``/file`` is an answer from the network, so it is input: a compr
 or a forged answer could point the client at an internal service (a metadata endpoint, a
 private address) or another scheme. The policy allows https to the listed hosts only, and
 plain-http loopback only when the client itself talks to a loopback origin.
+
+A name on the list can still resolve anywhere (a hijacked record, a wildcard that covers a
+host someone else controls, DNS rebinding). So the host is resolved once, here, and every
+address it resolves to must be public (loopback too when the base URL is loopback) unless the
+host is named exactly in ``extra_hosts``; the connection then goes to the address checked,
+never through a second resolution, and TLS is still verified against the host name.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from urllib.parse import urlsplit
 
+from anyio import getaddrinfo
+
 from ._config import DownloadPolicy, is_loopback
-from ._exceptions import DownloadError
+from ._exceptions import DownloadError, TransportError
 from ._redact import redact_url
 
-__all__ = ("check_download_url",)
+__all__ = ("check_download_url", "resolve_download_host")
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _host_allowed(host: str, patterns: tuple[str, ...]) -> bool:
@@ -62,3 +73,53 @@ def check_download_url(url: str, policy: DownloadPolicy, *, loopback_origin: boo
             f"refused download URL {shown!r}: host {host} is not an allowed download host "
             f"({', '.join(policy.hosts)}; add yours with DownloadPolicy(extra_hosts=...))"
         )
+
+
+async def resolve_download_host(url: str, policy: DownloadPolicy, *,
+                                loopback_origin: bool) -> str | None:
+    """The address to connect to for ``url`` (which passed ``check_download_url``): its host
+    resolved once, every address checked. None when the host is an address literal (already
+    checked: connect to it as it is)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        found = await getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise TransportError(f"cannot resolve the download host {host}: {exc}",
+                             never_sent=True) from None
+    resolved = [str(entry[4][0]) for entry in found]  # as the resolver wrote them
+    addresses = [ipaddress.ip_address(text.split("%")[0]) for text in resolved]
+    if not addresses:
+        raise TransportError(f"the download host {host} resolves to nothing", never_sent=True)
+    if host not in policy.extra_hosts:  # named exactly: the user vouches for where it leads
+        for address in addresses:
+            kind = _not_public(address, loopback_origin=loopback_origin)
+            if kind is not None:
+                raise DownloadError(
+                    f"refused download URL {redact_url(url)[:200]!r}: {host} resolves to "
+                    f"{address}, a {kind} address (name the host exactly in "
+                    f"DownloadPolicy(extra_hosts=...) to allow it)"
+                )
+    return resolved[0]
+
+
+def _not_public(address: Address, *, loopback_origin: bool) -> str | None:
+    """What kind of non-public address ``address`` is, or None when a download may go there."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return None if loopback_origin else "loopback"
+    if address.is_link_local:
+        return "link-local (cloud metadata)"
+    if address.is_unspecified or address.is_multicast or address.is_reserved:
+        return "reserved"
+    if address.is_private or not address.is_global:
+        return "private"
+    return None

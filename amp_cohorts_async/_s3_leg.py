@@ -51,6 +51,7 @@ class Leg:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._connection: http.client.HTTPConnection | None = None
+        self._socket: socket.socket | None = None
         self.aborted = False
         self.response: http.client.HTTPResponse | None = None
 
@@ -60,14 +61,24 @@ class Leg:
                 raise TransportError("download cancelled", never_sent=True)
             self._connection = connection
 
+    def attach_socket(self, sock: socket.socket) -> None:
+        """The socket about to connect: an abort from now on interrupts the connect too."""
+        with self._lock:
+            if self.aborted:
+                raise TransportError("download cancelled", never_sent=True)
+            self._socket = sock
+
     def abort(self) -> None:
-        """Stop the thread's blocking read now (from any thread): shut the socket down."""
+        """Stop the thread's blocking connect or read now (from any thread): shut the socket
+        down (Linux ends a connect in progress that way too)."""
         with self._lock:
             self.aborted = True
-            sock = self._connection.sock if self._connection is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):  # already closed
-                sock.shutdown(socket.SHUT_RDWR)
+            sockets = [self._connection.sock if self._connection is not None else None,
+                       self._socket]
+        for sock in sockets:
+            if sock is not None:
+                with contextlib.suppress(OSError):  # already closed, or wrapped by TLS
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with self._lock:
@@ -131,17 +142,26 @@ class BlockingGetter:
     timeout: float = 60.0
     trust_env: bool = True
 
+    def proxied(self, url: str) -> bool:
+        """Whether ``url`` is fetched through a proxy (which then resolves its host)."""
+        parts = urlsplit(url)
+        return parts.scheme == "https" and self._proxy(parts.hostname or "") is not None
+
     @contextlib.asynccontextmanager
-    async def opened(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[ThreadedBody]:
-        """GET ``url`` from a worker thread; the answer's body is read by ``pour_into``."""
+    async def opened(self, url: str, headers: Mapping[str, str],
+                     address: str | None) -> AsyncIterator[ThreadedBody]:
+        """GET ``url`` from a worker thread, connecting to ``address`` when given (the host's
+        checked address); the answer's body is read by ``pour_into``."""
         leg = Leg()
         try:
-            status, answer = await run_abortable(lambda: self.open(url, headers, leg), leg)
+            status, answer = await run_abortable(
+                lambda: self.open(url, headers, leg, address), leg)
             yield ThreadedBody(leg, status, answer, url)
         finally:
             leg.close()  # a socket close, quick; on the loop so a cancellation cannot skip it
 
-    def open(self, url: str, headers: Mapping[str, str], leg: Leg) -> tuple[int, dict[str, str]]:
+    def open(self, url: str, headers: Mapping[str, str], leg: Leg,
+             address: str | None = None) -> tuple[int, dict[str, str]]:
         """Blocking: connect, send the GET, read the status and headers into ``leg``."""
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -154,6 +174,9 @@ class BlockingGetter:
         shown = redact_url(url)
         try:
             connection = self._connection(host, port, https, proxy)
+            # The socket is made here, connected to the address checked (or, through a
+            # proxy, to the proxy), and handed to the leg before it connects.
+            connection._create_connection = _connector(leg, address)  # type: ignore[attr-defined]
             leg.attach(connection)
             connection.request("GET", target, headers={
                 **headers, "Accept-Encoding": "identity", "User-Agent": USER_AGENT,
@@ -205,6 +228,31 @@ class BlockingGetter:
         tunnel.set_tunnel(host, port, headers={"Proxy-Authorization": credentials}
                           if credentials else None)
         return tunnel
+
+
+def _connector(leg: Leg, address: str | None) -> Callable[..., socket.socket]:
+    """http.client's ``_create_connection``: a socket the leg can abort, connected to
+    ``address`` (no second resolution; TLS is still verified against the URL's host name)."""
+
+    def create_connection(target: tuple[str, int], timeout: object = None,
+                          source_address: tuple[str, int] | None = None) -> socket.socket:
+        host = address if address is not None else target[0]
+        family, kind, proto, _name, where = socket.getaddrinfo(
+            host, target[1], type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            leg.attach_socket(sock)
+            if isinstance(timeout, int | float):
+                sock.settimeout(timeout)
+            if source_address is not None:
+                sock.bind(source_address)
+            sock.connect(where)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return create_connection
 
 
 class _Call(Generic[T]):
