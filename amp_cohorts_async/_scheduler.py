@@ -157,6 +157,7 @@ WaitReason = Literal["limits", "amplitude", "retry"]
 WaitCallback = Callable[[float, WaitReason], None]
 # A long wait is re-announced (and re-checked with the backend) at least this often.
 WAIT_STEP = 5.0
+PAUSE_SLACK = 1e-3  # a pause is over within this of its end (see _sleep_out_pause)
 
 
 def usage_month(resets_at: datetime) -> str:
@@ -252,7 +253,7 @@ class Scheduler:
         end = anyio.current_time() + remaining + self.rng.uniform(0.0, min(1.0, remaining * 0.1))
         # Stop within a millisecond of the end: a clock that rounds (virtual time does) could
         # otherwise wake a hair early forever.
-        while (left := end - anyio.current_time()) > 1e-3:
+        while (left := end - anyio.current_time()) > PAUSE_SLACK:
             if on_wait is not None:
                 on_wait(left, "amplitude")  # a 429: Amplitude asked everyone to wait
             await anyio.sleep(min(left, WAIT_STEP))
@@ -445,7 +446,10 @@ class Scheduler:
                         leases.add(permit)
                 async with self._renewing(functools.partial(self._renew, leases)):
                     if not gated:
-                        while (remaining := self.paused_until - anyio.current_time()) > 0:
+                        # The same slack as _sleep_out_pause, which returns at once within
+                        # it: a stricter test spun without awaiting (virtual time never moved).
+                        while (remaining := self.paused_until - anyio.current_time()) \
+                                > PAUSE_SLACK:
                             await self._sleep_out_pause(remaining, on_wait)
                         await self.gate.acquire(PRIORITY[kind])
                         gated = True

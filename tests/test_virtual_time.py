@@ -8,6 +8,9 @@ import time
 import anyio
 import pytest
 
+import amp_cohorts_async as amp
+from amp_cohorts_async.testing import FakeAmplitude
+
 
 @pytest.mark.looptime
 @pytest.mark.parametrize("abandon", [False, True])
@@ -33,3 +36,16 @@ async def test_a_cancelled_caller_waits_for_its_thread_unless_it_may_abandon_it(
         group.cancel_scope.cancel()
     assert finished.is_set() is not abandon
     finished.wait(1)  # nothing left running after the test
+
+
+@pytest.mark.looptime
+async def test_a_pause_with_less_than_a_millisecond_left_is_not_a_busy_loop() -> None:
+    """The pause ends within a millisecond of its end; the loop that waits it out must stop
+    there too. It went on while less than a millisecond was left, without ever awaiting, so
+    in virtual time the clock never moved and the loop spun forever (a full-suite hang)."""
+    with FakeAmplitude() as fake:
+        async with amp.CohortsClient(fake.api_key, fake.secret_key,
+                                     transport=fake.transport()) as client:
+            client.scheduler.paused_until = anyio.current_time() + 0.0005
+            usage = await client.get_usage()
+    assert usage.remaining >= 0
