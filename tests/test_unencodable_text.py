@@ -126,7 +126,8 @@ async def test_a_batch_of_only_such_ids_sends_nothing(
     ([b"upload", b"{ids}", b"--name", b"caf\xe9", b"--owner", b"o@x.io", b"--app-id", b"1"],
      {}),
     ([b"list"], {b"AMPLITUDE_API_KEY": b"k\xff"}),
-], ids=["request id", "download id", "upload name", "key in the environment"])
+    ([b"sync", b"{out}", b"small", b"a\xffb"], {}),
+], ids=["request id", "download id", "upload name", "key in the environment", "sync id"])
 async def test_the_command_line_exits_2_with_one_line(
     fake: FakeAmplitude, tmp_path: pathlib.Path, argv: list[bytes], env: dict[bytes, bytes]
 ) -> None:

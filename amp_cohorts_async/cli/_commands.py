@@ -98,10 +98,7 @@ async def cmd_download(client: CohortsClient, args: argparse.Namespace, out: IO[
     elif not args.cohort_ids:
         raise InvalidRequestError("name at least one cohort id, or --all")
     else:
-        # The library would fail such an id alone and fetch the others; a command line with
-        # one is a mistake to fix before anything is spent.
-        targets = [require_id(c, f"cohort id {position + 1}")
-                   for position, c in enumerate(args.cohort_ids)]
+        targets = list(_argv_ids(args.cohort_ids))
     ids = [t.id if isinstance(t, Cohort) else t for t in targets]
     props = args.props or bool(args.prop_key)
     info = sys.stderr if args.json else out  # with --json, stdout carries only the JSON
@@ -130,6 +127,14 @@ async def cmd_download(client: CohortsClient, args: argparse.Namespace, out: IO[
     if not args.json and any(o.ok for o in outcomes):
         out.write(f"files are in {await directory.resolve()}\n")
     return _exit_code_of(outcomes)
+
+
+def _argv_ids(values: list[str]) -> list[str]:
+    """The cohort ids of a command line, each valid. The library would fail a bad one alone
+    and go on with the others; on a command line it is a typo to fix before anything is
+    spent."""
+    return [require_id(value, f"cohort id {position + 1}")
+            for position, value in enumerate(values)]
 
 
 def _exit_code_of(outcomes: list[CohortOutcome]) -> int:
@@ -222,7 +227,7 @@ async def cmd_sync(client: CohortsClient, args: argparse.Namespace, out: IO[str]
     elif not args.cohort_ids:
         raise InvalidRequestError("name at least one cohort id, or --all")
     else:
-        targets = list(args.cohort_ids)
+        targets = list(_argv_ids(args.cohort_ids))
     info = sys.stderr if args.json else out  # with --json, stdout carries only the JSON
     started = time.monotonic()
     view = ProgressView([], stream=info, live=info.isatty())
