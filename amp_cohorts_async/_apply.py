@@ -37,6 +37,7 @@ from ._models import (
     Operation,
     coerce_enum,
 )
+from ._send import SendCount
 from ._upload import Uploader, membership_body
 
 __all__ = ("ID_TYPE_OF_KEY", "apply_diff", "check_diff")
@@ -143,7 +144,8 @@ async def apply_diff(
     limit = uploader.limits.max_ids_per_request
     directory = diff.entering_path.parent
     skipped: dict[Operation, list[str]] = {Operation.REMOVE: [], Operation.ADD: []}
-    requests = 0
+    count = SendCount()  # every request sent, retries included
+    api = api.counted(count)
     async with uploader.writing(cohort_id):
         progress = await anyio.to_thread.run_sync(_Progress.load, directory, cohort_id, diff)
         plan = ((Operation.REMOVE, diff.exiting_path, "removed"),
@@ -154,13 +156,12 @@ async def apply_diff(
                     body = membership_body(cohort_id, [(ids, id_type, operation)],
                                            count_group, True)
                     answer = await api.membership(body)
-                    requests += 1
                     for outcome in answer.memberships_result:
                         skipped[operation].extend(outcome.skipped_ids)
                     setattr(progress, field, getattr(progress, field) + len(ids))
                     await anyio.to_thread.run_sync(progress.save, cohort_id)
         except AmplitudeError as error:
-            raise await _partial(error, cohort_id, diff, progress, requests, limit) from error
+            raise await _partial(error, cohort_id, diff, progress, count.sent, limit) from error
     return MembershipResult(
         cohort_id=cohort_id,
         memberships_result=[
@@ -168,7 +169,7 @@ async def apply_diff(
                               operation=operation)
             for operation in (Operation.REMOVE, Operation.ADD)
         ],
-        requests_sent=requests,
+        requests_sent=count.sent,
     )
 
 

@@ -210,7 +210,10 @@ async def test_two_processes_never_overlap_with_a_shared_backend(
                     if process.returncode is None:
                         process.kill()
                     await process.aclose()
-        assert [r["requests"] for r in results] == [5, 5]
+        if shared:
+            assert [r["requests"] for r in results] == [5, 5]
+        else:  # requests_sent counts every request sent: the contrast's 429s were sent again
+            assert all(r["requests"] >= 5 for r in results)
         assert fake.member_ids("target", by="amplitude_id") == {str(i) for i in range(1, 21)}
         overlaps = [v for v in fake.violations if v.kind == "concurrent_write"]
     if shared:

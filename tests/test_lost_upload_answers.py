@@ -8,6 +8,7 @@ plainly when it cannot tell.
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Iterator
 
 import httpx
@@ -149,3 +150,17 @@ async def test_membership_requests_sent_counts_the_retries(fake: FakeAmplitude) 
             ids=IDS, id_type="BY_NAME", operation="ADD")])
     assert result.requests_sent == 2 == len(fake.log)
     assert fake.member_ids("target") == set(IDS)
+
+
+async def test_apply_diff_requests_sent_counts_the_retries(
+    fake: FakeAmplitude, tmp_path: pathlib.Path
+) -> None:
+    fake.add_cohort("target", size=0, members=[])
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    old.write_text('"amplitude_id","user_id"\n"1","gone"\n')
+    new.write_text('"amplitude_id","user_id"\n"2","came"\n')
+    diff = await amp.diff_members(old, new, tmp_path / "diff", key="user_id")
+    fake.inject("membership", "status", status=503)
+    async with client_for(fake) as client:
+        result = await client.apply_diff("target", diff)
+    assert result.requests_sent == 3 == len(fake.log)  # REMOVE (sent twice), ADD
