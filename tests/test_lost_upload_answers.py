@@ -164,3 +164,31 @@ async def test_apply_diff_requests_sent_counts_the_retries(
     async with client_for(fake) as client:
         result = await client.apply_diff("target", diff)
     assert result.requests_sent == 3 == len(fake.log)  # REMOVE (sent twice), ADD
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_under_random_faults_no_upload_makes_two_cohorts(seed: int) -> None:
+    """Every endpoint faulted at random (5xx, 429, answers cut after acting): each upload
+    call ends with its one cohort, or an error; never two cohorts of one call's name."""
+    with FakeAmplitude(seed=seed) as fake:
+        fake.random_faults(0.4, seed=seed)
+        outcomes: dict[str, str | None] = {}
+        async with client_for(fake, retry=amp.RetryPolicy(max_attempts=4)) as client:
+            for number in range(40):
+                name = f"upload {number}"
+                try:
+                    result = await client.upload_cohort(**{**BASE, "name": name}, ids=IDS)
+                except (amp.UncertainUploadError, amp.APIStatusError, amp.TransportError,
+                        amp.ResponseValidationError, amp.PartialWriteError):
+                    outcomes[name] = None
+                    continue
+                outcomes[name] = result.cohort_id
+                assert fake.member_ids(result.cohort_id) == set(IDS)
+        for name, cohort_id in outcomes.items():
+            made = named(fake, name)
+            assert len(made) <= 1, (name, made)
+            if cohort_id is not None:
+                assert made == [cohort_id]
+        assert fake.random_faults_injected["upload"] > 10
+        assert sum(c is not None for c in outcomes.values()) > 20

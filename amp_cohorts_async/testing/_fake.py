@@ -295,7 +295,8 @@ class FakeAmplitude:
         Amplitude endpoints answer 500/502/503 or 429 (with Retry-After), or drop the
         connection after the server acted (a cohort request so cut is counted in
         ``acted_answers_lost``); ``/file`` also hands out expired links and truncated bodies;
-        S3 answers 500/503, expired links, dropped and truncated bodies.
+        S3 answers 500/503, expired links, dropped and truncated bodies; uploads and
+        membership changes may also be applied and then answered 500/502/504.
         """
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"rate must be within [0, 1], got {rate!r}")
@@ -311,6 +312,8 @@ class FakeAmplitude:
         if endpoint != "s3":
             choices.append(Fault("status", 429, retry_after=float(rng.randint(1, 5))))
         choices.append(Fault("cut", after_bytes=rng.choice((0, 100, 5000))))
+        if endpoint in ("upload", "membership"):  # a write done, its answer lost on the way
+            choices.append(Fault("status", rng.choice((500, 502, 504)), after_acting=True))
         if endpoint in ("file", "s3"):
             choices.append(Fault("truncate", after_bytes=rng.randint(0, 50_000)))
         if endpoint == "file":
