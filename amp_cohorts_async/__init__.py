@@ -32,6 +32,7 @@ from ._limits import (
     Settlement,
 )
 from ._members import MemberBatch, iter_member_batches, iter_members
+from ._mirror import MirrorResult, mirror_cohort
 from ._models import (
     Cohort,
     CohortOutcome,
@@ -78,6 +79,7 @@ __all__ = (
     "MembershipIdType",
     "MembershipOutcome",
     "MembershipResult",
+    "MirrorResult",
     "NotFoundError",
     "Operation",
     "PartialWriteError",
@@ -105,6 +107,7 @@ __all__ = (
     "iter_arrow_batches",
     "iter_member_batches",
     "iter_members",
+    "mirror_cohort",
 )
 
 

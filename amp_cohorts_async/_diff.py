@@ -40,7 +40,7 @@ import attrs
 
 from ._background import run_stoppable
 from ._exceptions import InvalidRequestError
-from ._files import disk_errors, make_directory
+from ._files import disk_errors, fsync_directory, make_directory
 from ._members import _open_text, _strip_tabs, is_tabbed, unreadable_as_errors
 from ._validate import require_text, text_path
 
@@ -262,14 +262,6 @@ def _write_own_rows(path: pathlib.Path, wanted: set[str], writer: Any) -> None:
                     writer.writerow(row)
 
 
-def _fsync_directory(path: pathlib.Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _run_count(old: str, new: str) -> int:
     with unreadable_as_errors(old):
         old_bytes = _estimated_text_bytes(old)
@@ -317,7 +309,7 @@ def _diff_blocking(old: str, new: str, out_dir: pathlib.Path, key: str,
             check_cancelled()
             os.replace(work / ENTERING_NAME, entering_path)
             os.replace(work / EXITING_NAME, exiting_path)
-            _fsync_directory(out_dir)
+            fsync_directory(out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return MembershipDiff(

@@ -31,8 +31,8 @@ try:  # advisory locks say which temp files a live run is still writing
 except ImportError:  # pragma: no cover - not POSIX: leftovers are never swept
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ("AtomicFile", "disk_error", "disk_errors", "make_directory", "remove_leftovers",
-           "resolve_target", "safe_filename")
+__all__ = ("AtomicFile", "disk_error", "disk_errors", "fsync_directory", "make_directory",
+           "remove_leftovers", "resolve_target", "safe_filename")
 
 logger = logging.getLogger("amp_cohorts_async")
 
@@ -125,6 +125,15 @@ def resolve_target(dest: Any, cohort_id: str | None) -> pathlib.Path:
     if not path.parent.is_dir():
         raise InvalidRequestError(f"the directory of dest does not exist: {path.parent}")
     return path
+
+
+def fsync_directory(path: pathlib.Path) -> None:
+    """Make a rename or a new entry in ``path`` durable. Blocking."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 async def make_directory(value: Any, name: str) -> pathlib.Path:

@@ -42,7 +42,7 @@ import anyio
 import attrs
 
 from ._exceptions import AmplitudeError, InvalidRequestError
-from ._files import safe_filename
+from ._files import fsync_directory, safe_filename
 from ._journal import (
     JOURNAL_NAME,
     InvalidJournal,
@@ -136,14 +136,6 @@ def _sha256_of(path: pathlib.Path) -> str | None:
 def _open_lock_file(path: pathlib.Path) -> int:
     """A lock file, created if missing, never through a planted link."""
     return os.open(path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o644)
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _describe(exc: OSError) -> str:
@@ -287,7 +279,7 @@ class DirectoryStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     # -- what the entries allow -------------------------------------------------------------
     async def verified_copy(self, cohort_id: str, entry: JournalEntry | None, *,

@@ -11,7 +11,7 @@ API_MD_NAMES = {
     "AuthenticationError", "NotFoundError", "RateLimitError", "ServerError",
     "ResponseValidationError", "QuotaExceededError", "CohortJobError", "DownloadError",
     "iter_members", "iter_member_batches", "MemberBatch", "LimitsBackend",
-    "diff_members", "MembershipDiff",
+    "diff_members", "MembershipDiff", "mirror_cohort", "MirrorResult",
     "FileLimits",
     "SyncReport", "SyncEntry",
     "iter_arrow_batches",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import os
 import pathlib
 import sys
 import time
@@ -16,15 +17,36 @@ import anyio
 from .._client import CohortsClient
 from .._diff import diff_members
 from .._exceptions import DiskError, InvalidRequestError, NotFoundError
+from .._file_limits import FileLimits
+from .._limits import LimitsBackend
+from .._mirror import mirror_cohort
 from .._models import Cohort, CohortOutcome, DownloadResult, MembershipChange, Operation
 from .._store import DirectoryStore, Plan
 from .._validate import export_options, require_id
 from ._live import ProgressView
 from ._output import is_tty, plural, print_json, report, summary, sync_summary
 
-__all__ = ("COMMANDS", "EMPTY_UPLOAD", "read_ids", "run_diff")
+__all__ = ("COMMANDS", "EMPTY_UPLOAD", "limits_backend", "read_ids", "run_diff")
 
 EMPTY_UPLOAD = 6  # an upload in which no id matched (documented exit code)
+
+
+try:  # the shared limits need the optional redis extra
+    from ..redis import RedisLimits
+except ModuleNotFoundError:  # pragma: no cover - depends on what is installed
+    RedisLimits = None  # type: ignore[assignment, misc]
+
+
+def limits_backend(url: str | None) -> LimitsBackend:
+    """The shared limits named by ``--limits-url`` / AMPLITUDE_LIMITS_URL, else the file of
+    this app in the user's cache: successive and concurrent runs on this host share it."""
+    url = url or os.environ.get("AMPLITUDE_LIMITS_URL") or None
+    if url is None:
+        return FileLimits()
+    if RedisLimits is None:
+        raise InvalidRequestError("--limits-url needs redis-py: "
+                                  "pip install 'amp-cohorts-async[redis]'")
+    return RedisLimits.from_url(url)
 
 
 # -- reading ids ---------------------------------------------------------------------------
@@ -270,10 +292,39 @@ async def run_diff(args: argparse.Namespace, out: IO[str]) -> int:
         + f" -> {diff.entering_path}, {diff.exiting_path}"))
 
 
+def _target_key(name: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise InvalidRequestError(f"set {name} in the environment (the target project's key)")
+    return value
+
+
+async def cmd_mirror(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
+    """``mirror COHORT_ID STATE_DIR``: the cohort of this project kept in the target's."""
+    backend = limits_backend(args.limits_url)
+    try:
+        async with CohortsClient(
+            _target_key("AMPLITUDE_TARGET_API_KEY"), _target_key("AMPLITUDE_TARGET_SECRET_KEY"),
+            region=args.target_region,
+            base_url=args.target_base_url or os.environ.get("AMPLITUDE_TARGET_BASE_URL") or None,
+            limits_backend=backend,
+        ) as target:
+            result = await mirror_cohort(client, target, args.cohort_id, args.state_dir,
+                                         app_id=args.app_id, owner=args.owner, name=args.name,
+                                         published=args.published)
+    finally:
+        await backend.aclose()
+    where = result.target_cohort_id or "no target cohort (the source has no user ids yet)"
+    return report(args, out, result, (
+        f"{result.action}: {result.source_cohort_id} -> {where}: {result.entering:,} entering, "
+        f"{result.exiting:,} exiting, {plural(result.skipped_no_user_id, 'member')} without a "
+        f"user id (not mirrored)"))
+
+
 COMMANDS: dict[str, Command] = {
     "list": cmd_list, "usage": cmd_usage, "download": cmd_download, "upload": cmd_upload,
     "membership": cmd_membership, "request": cmd_request, "status": cmd_status,
-    "fetch": cmd_fetch, "sync": cmd_sync,
+    "fetch": cmd_fetch, "sync": cmd_sync, "mirror": cmd_mirror,
 }
 
 

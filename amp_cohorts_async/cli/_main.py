@@ -33,16 +33,9 @@ from .._exceptions import (
     QuotaExceededError,
     RateLimitError,
 )
-from .._file_limits import FileLimits
-from .._limits import LimitsBackend
 from .._models import IdType, MembershipIdType
-from ._commands import COMMANDS, run_diff
+from ._commands import COMMANDS, limits_backend, run_diff
 from ._demo import run_demo
-
-try:  # the shared limits need the optional redis extra
-    from ..redis import RedisLimits
-except ModuleNotFoundError:  # pragma: no cover - depends on what is installed
-    RedisLimits = None  # type: ignore[assignment, misc]
 
 __all__ = ("build_parser", "main")
 
@@ -144,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("request_id", metavar="REQUEST_ID")
     p.add_argument("-o", "--output", required=True, help="file path")
 
+    p = sub.add_parser("mirror", parents=[common],
+                       help="keep this project's cohort mirrored into another project's, by "
+                            "user id (target keys: AMPLITUDE_TARGET_API_KEY / "
+                            "AMPLITUDE_TARGET_SECRET_KEY)")
+    p.add_argument("cohort_id", metavar="COHORT_ID")
+    p.add_argument("state_dir", metavar="STATE_DIR", help="where the mirror keeps its state")
+    p.add_argument("--app-id", type=int, required=True, help="the target project's app id")
+    p.add_argument("--owner", required=True, help="the target cohort's owner (login email)")
+    p.add_argument("--name", help="the target cohort's name (default: Mirror of COHORT_ID)")
+    p.add_argument("--published", action="store_true")
+    p.add_argument("--poll-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="first wait before polling the source's export")
+    p.add_argument("--target-region", choices=sorted(REGIONS), default="us")
+    p.add_argument("--target-base-url",
+                   help="the target's origin (default: AMPLITUDE_TARGET_BASE_URL)")
+
     p = sub.add_parser("diff", help="who entered and who left between two exports (files "
                                     "only: no credentials, no request)")
     p.add_argument("old", metavar="OLD", help="the earlier export (CSV, gzip or not)")
@@ -166,18 +175,6 @@ def _exit_code(error: AmplitudeError) -> int:
         if isinstance(error, cls):
             return code
     return 1
-
-
-def limits_backend(url: str | None) -> LimitsBackend:
-    """The shared limits named by ``--limits-url`` / AMPLITUDE_LIMITS_URL, else the file of
-    this app in the user's cache: successive and concurrent runs on this host share it."""
-    url = url or os.environ.get("AMPLITUDE_LIMITS_URL") or None
-    if url is None:
-        return FileLimits()
-    if RedisLimits is None:
-        raise InvalidRequestError("--limits-url needs redis-py: "
-                                  "pip install 'amp-cohorts-async[redis]'")
-    return RedisLimits.from_url(url)
 
 
 def check_credentials() -> None:
