@@ -62,7 +62,8 @@ def main() -> None:
         run(str(BIN / "mypy"), "amp_cohorts_async", "tests/typing", "benchmarks", "examples")
         run(str(BIN / "pytest"), "-q", *sys.argv[2:])
     else:
-        for script in ("scheduler.py", "download.py", "upload.py", "distributed.py", "sync.py"):
+        for script in ("scheduler.py", "download.py", "upload.py", "distributed.py", "sync.py",
+                       "diff.py"):
             run(python(), f"benchmarks/{script}", *sys.argv[2:])
 
 

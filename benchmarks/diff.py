@@ -81,6 +81,33 @@ def duckdb_reference(old: pathlib.Path, new: pathlib.Path, out: pathlib.Path) ->
         connection.close()
 
 
+def phases(old: pathlib.Path, new: pathlib.Path, directory: pathlib.Path) -> dict[str, float]:
+    """Where one diff's time goes: each partition pass and the run-by-run comparison
+    (the same private steps diff_members takes, timed one by one)."""
+    from amp_cohorts_async import _diff
+
+    work = directory / "phases"
+    work.mkdir()
+    seconds: dict[str, float] = {}
+    partitioner = _diff._Partitioner(work, _diff._run_count(str(old), str(new)), lambda: None)
+    started = time.perf_counter()
+    old_side = partitioner.partition(str(old), "old", "amplitude_id")
+    seconds["partition old"] = time.perf_counter() - started
+    started = time.perf_counter()
+    new_side = partitioner.partition(str(new), "new", "amplitude_id")
+    seconds["partition new"] = time.perf_counter() - started
+    started = time.perf_counter()
+    _diff._compare_into(work, partitioner, old_side, new_side)
+    seconds["compare and write"] = time.perf_counter() - started
+    return seconds
+
+
+def runs_note(old: pathlib.Path, new: pathlib.Path) -> str:
+    from amp_cohorts_async import _diff
+
+    return f"{_diff._run_count(str(old), str(new))} runs"
+
+
 def timed(work: Callable[[], None]) -> float:
     os.sync()
     started = time.perf_counter()
@@ -124,6 +151,10 @@ def main() -> None:
               f"(goal <= 3); runs: " + ", ".join(f"{s:.2f}" for s in seconds["diff_members"]))
         print(f"peak RSS growth of diff_members: median {statistics.median(growth):.1f} MiB, "
               f"max {max(growth):.1f} MiB (goal <= 64)")
+        split = phases(old, new, directory)
+        total = sum(split.values())
+        print(f"one diff, step by step ({runs_note(old, new)}): " + " | ".join(
+            f"{label} {value:.2f} s ({value / total:.0%})" for label, value in split.items()))
         if has_duckdb:
             print(f"duckdb (2 threads, both files written) / two csv.reader passes = "
                   f"{median['duckdb'] / base:.2f}; diff_members / duckdb = "

@@ -200,7 +200,7 @@ async def test_two_processes_never_overlap_with_a_shared_backend(
         async with fake.serve() as base_url:
             processes = [await anyio.open_process(
                 [sys.executable, str(WORKER), "apply", base_url, spec, "target", *paths],
-                env=env) for paths in arguments]
+                env=env, stderr=None) for paths in arguments]
             readers = [BufferedByteReceiveStream(p.stdout) for p in processes if p.stdout]
             try:
                 with anyio.fail_after(90):
