@@ -50,3 +50,15 @@ async def typed_arrow_usage(path: pathlib.Path) -> None:
         record_batch: pa.RecordBatch = batch
         ids: pa.Array[pa.Int64Scalar] = record_batch.column("amplitude_id")
         print(ids)
+
+
+def typed_blocking_usage() -> None:
+    from amp_cohorts_async import blocking
+
+    with blocking.CohortsClient("key", "secret", region="eu") as client:
+        cohorts: list[amp.Cohort] = client.list_cohorts(include_sync_info=True)
+        outcomes: list[amp.CohortOutcome] = client.download_cohorts([cohorts[0]], "out")
+        for row in blocking.iter_members(outcomes[0].result.path if outcomes[0].result else ""):
+            user_id: str = row["user_id"]
+        for batch in blocking.iter_member_batches("x.csv", batch_rows=100):
+            columns: tuple[str, ...] = batch.columns
