@@ -29,7 +29,7 @@ from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, resolve_ba
 from ._diff import MembershipDiff
 from ._download import Downloader
 from ._events import Progress, ProgressCallback
-from ._exceptions import InvalidRequestError
+from ._exceptions import InvalidRequestError, NotFoundError
 from ._files import make_directory, remove_leftovers, resolve_target
 from ._http import Credentials, HttpBoundary, http_client_for
 from ._limits import LimitsBackend
@@ -264,6 +264,20 @@ class CohortsClient:
         require_bool(include_sync_info, "include_sync_info")
         self._check_open()
         return await self._api.list_cohorts(include_sync_info)
+
+    async def get_cohort(self, cohort_id: str) -> Cohort:
+        """One cohort, as GET /api/3/cohorts shows it (spends no quota).
+
+        Raises ``NotFoundError`` when the list does not show ``cohort_id``.
+        """
+        cohort_id = require_id(cohort_id, "cohort_id")
+        self._check_open()
+        for cohort in await self._api.list_cohorts(False):
+            if cohort.id == cohort_id:
+                return cohort
+        raise NotFoundError(f"cohort {cohort_id!r} is not among the project's cohorts",
+                            status_code=404, type="not_found",
+                            request_line="GET /api/3/cohorts")
 
     async def request_cohort(
         self, cohort_id: str, *, props: bool = False, prop_keys: Sequence[str] = ()

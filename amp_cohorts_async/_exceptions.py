@@ -83,11 +83,14 @@ class TransportError(AmplitudeError):
     machine (connection refused, pool timeout): the server cannot have acted on it.
     """
 
-    def __init__(self, message: str, *, never_sent: bool = False, refused: bool = False) -> None:
+    def __init__(self, message: str, *, never_sent: bool = False, refused: bool = False,
+                 unresolved: bool = False) -> None:
         super().__init__(message)
-        self.never_sent = never_sent or refused
+        self.never_sent = never_sent or refused or unresolved
         #: Nothing listens at that address (connection refused): retrying will not help.
         self.refused = refused
+        #: The host name did not resolve (DNS): a typo or no network; said at once.
+        self.unresolved = unresolved
 
 
 class APIStatusError(AmplitudeError):
@@ -119,7 +122,19 @@ class APIStatusError(AmplitudeError):
 
 
 class AuthenticationError(APIStatusError):
-    """401 or 403: the credentials were refused."""
+    """401 or 403: the credentials were refused.
+
+    ``hint`` says which host refused them and, for Amplitude's own hosts, that keys of the
+    other region's projects are refused there; ``str()`` ends with it.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.hint = hint
+
+    def describe(self) -> str:
+        text = super().describe()
+        return f"{text}; {self.hint}" if self.hint else text
 
 
 class NotFoundError(APIStatusError):

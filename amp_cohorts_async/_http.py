@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
@@ -143,6 +144,10 @@ def translate_transport_error(exc: httpx.HTTPError, request: httpx.Request) -> T
         where = f"{request.url.host}:{request.url.port or request.url.scheme}"
         return TransportError(f"connection refused by {where} ({_request_line(request)}); is "
                               f"the server running and the URL right?", refused=True)
+    if isinstance(exc, httpx.ConnectError) and _caused_by(exc, socket.gaierror):
+        return TransportError(f"cannot resolve the host name {request.url.host!r} "
+                              f"({_request_line(request)}); is the URL right, and is there a "
+                              "network?", unresolved=True)
     return TransportError(
         f"{kind} on {_request_line(request)}: {detail}", never_sent=isinstance(exc, _NOT_SENT)
     )

@@ -32,7 +32,8 @@ def decide(
 
     Retried: 429 (after Retry-After, capped at ``max_retry_after``), 5xx and transport errors,
     and at once an expired presigned link (a fresh one is one ``/file`` call away).
-    Never retried: any other 4xx, a refused connection, validation errors, quota errors.
+    Never retried: any other 4xx, a refused connection, a host name that does not resolve,
+    validation errors, quota errors.
     """
     if attempt >= policy.max_attempts:
         return None
@@ -42,8 +43,8 @@ def decide(
         if error.retry_after is not None:
             return min(error.retry_after, policy.max_retry_after)
         return backoff(policy, attempt, rng)
-    if isinstance(error, TransportError) and error.refused:
-        return None  # nothing listens there: fail fast rather than wait out the backoff
+    if isinstance(error, TransportError) and (error.refused or error.unresolved):
+        return None  # nothing listens there, or no such host: fail fast, not after backoff
     if isinstance(error, ServerError | TransportError):
         return backoff(policy, attempt, rng)
     return None

@@ -10,9 +10,11 @@ import email.utils
 import http
 import json
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
+from ._config import REGIONS
 from ._exceptions import (
     APIStatusError,
     AuthenticationError,
@@ -95,12 +97,24 @@ def status_error_from(
         retry_after = parse_retry_after(headers.get("Retry-After") or headers.get("retry-after"))
         return RateLimitError(message, retry_after=retry_after, **fields)
     if code in (401, 403):
-        return AuthenticationError(message, **fields)
+        return AuthenticationError(message, hint=_refused_keys_hint(request_line), **fields)
     if code == 404:
         return NotFoundError(message, **fields)
     if code >= 500:
         return ServerError(message, **fields)
     return APIStatusError(message, **fields)
+
+
+def _refused_keys_hint(request_line: str) -> str:
+    """Who refused the keys; on Amplitude's hosts, that the other region's keys fail there."""
+    host = urllib.parse.urlsplit(request_line.partition(" ")[2]).hostname or "the server"
+    for region, origin in REGIONS.items():
+        if host == urllib.parse.urlsplit(origin).hostname:
+            other = next(r for r in REGIONS if r != region)
+            return (f"{host} (region {region!r}) refused these keys; keys of a project in the "
+                    f"{other!r} region are refused there: pass region={other!r} "
+                    f"(--region {other})")
+    return f"{host} refused these keys"
 
 
 def _reason(code: int) -> str:

@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from typing import IO
 
+import amp_cohorts_async
+
 from .._client import CohortsClient
 from .._config import REGIONS, DownloadPolicy, PollPolicy
 from .._exceptions import (
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="amp-cohorts", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"amp-cohorts {amp_cohorts_async.__version__}",
+                        help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", parents=[common], help="list cohorts")
