@@ -61,7 +61,7 @@ async def test_another_host_refusing_the_keys_is_named(fake: FakeAmplitude) -> N
     async with fake.serve() as base_url, amp.CohortsClient(
         fake.api_key, "wrong-secret", base_url=base_url
     ) as client:
-        with pytest.raises(amp.AuthenticationError, match="127.0.0.1 refused these keys$"):
+        with pytest.raises(amp.AuthenticationError, match=r"127\.0\.0\.1 refused these keys$"):
             await client.list_cohorts()
 
 

@@ -58,7 +58,7 @@ def typed_blocking_usage() -> None:
     with blocking.CohortsClient("key", "secret", region="eu") as client:
         cohorts: list[amp.Cohort] = client.list_cohorts(include_sync_info=True)
         outcomes: list[amp.CohortOutcome] = client.download_cohorts([cohorts[0]], "out")
-        for row in blocking.iter_members(outcomes[0].result.path if outcomes[0].result else ""):
-            user_id: str = row["user_id"]
-        for batch in blocking.iter_member_batches("x.csv", batch_rows=100):
-            columns: tuple[str, ...] = batch.columns
+        user_ids: list[str] = [row["user_id"] for row in blocking.iter_members("x.csv")]
+        columns: list[tuple[str, ...]] = [
+            batch.columns for batch in blocking.iter_member_batches("x.csv", batch_rows=100)]
+        print(outcomes, user_ids, columns)
