@@ -97,6 +97,14 @@ class Limits:
     max_ids_per_request: int = attrs.field(default=100_000, validator=[_int, _positive])
     max_cohort_size: int = attrs.field(default=2_000_000, validator=[_int, _positive])
 
+    def time_scaled(self, factor: float) -> Limits:
+        """These limits with every rate window's length multiplied by ``factor`` (for an
+        emulator that runs Amplitude's clock faster, as ``--time-scale`` does)."""
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0:
+            raise InvalidRequestError(f"a time scale must be a number > 0, got {factor!r}")
+        return attrs.evolve(self, cohort_requests=tuple(
+            RateWindow(w.max_requests, w.seconds * factor) for w in self.cohort_requests))
+
 
 @attrs.frozen(kw_only=True)
 class RetryPolicy:

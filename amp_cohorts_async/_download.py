@@ -12,7 +12,7 @@ import anyio
 from ._api import Api
 from ._config import DownloadPolicy, PollPolicy
 from ._events import Progress
-from ._exceptions import CohortJobError
+from ._exceptions import AmplitudeError, CohortJobError
 from ._models import CohortRequest, DownloadResult, ExportOptions
 from ._scheduler import Scheduler
 from ._transfer import fetch_file
@@ -73,7 +73,9 @@ class Downloader:
                     jobs.release()
         except BaseException as error:
             if not isinstance(error, anyio.get_cancelled_exc_class()):
-                progress.emit("failed")  # a cancelled download did not fail: it was stopped
+                # A cancelled download did not fail: it was stopped.
+                progress.emit("failed",
+                              error=error if isinstance(error, AmplitudeError) else None)
             raise
         progress.emit("done", bytes_done=result.size_bytes, bytes_total=result.size_bytes)
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ._exceptions import AmplitudeError
 from ._models import Phase, ProgressEvent
 
 __all__ = ("Progress", "ProgressCallback")
@@ -32,6 +33,7 @@ class Progress:
         bytes_total: int | None = None,
         wait_seconds: float | None = None,
         wait_reason: str | None = None,
+        error: AmplitudeError | None = None,
     ) -> None:
         if self.callback is None or self.cohort_id is None:
             return
@@ -42,6 +44,7 @@ class Progress:
             bytes_total=bytes_total,
             wait_seconds=wait_seconds,
             wait_reason=wait_reason,
+            error=error,
         )
         try:
             self.callback(event)

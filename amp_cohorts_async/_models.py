@@ -263,7 +263,8 @@ class ProgressEvent:
     time left when the event was emitted (a long wait emits again as it runs down) and
     ``wait_reason`` says why: ``"limits"`` (the rate windows or the concurrency limit),
     ``"amplitude"`` (Amplitude answered 429 and asked everyone to wait) or ``"retry"`` (a
-    backoff before retrying a failed request).
+    backoff before retrying a failed request). ``error``: on ``failed``, the error the cohort's
+    outcome will carry, so a display can say why at once.
     """
 
     cohort_id: str
@@ -272,6 +273,7 @@ class ProgressEvent:
     bytes_total: int | None = None
     wait_seconds: float | None = None
     wait_reason: str | None = None
+    error: AmplitudeError | None = None
 
 
 SyncAction = Literal["unchanged", "too_large", "missing", "downloaded", "over_budget",

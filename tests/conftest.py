@@ -62,6 +62,14 @@ async def client(fake: FakeAmplitude) -> AsyncIterator[amp.CohortsClient]:
         yield client
 
 
+@pytest.fixture
+async def served(fake: FakeAmplitude) -> AsyncIterator[tuple[FakeAmplitude, str]]:
+    """The emulator over loopback sockets (jobs of 0.2 s), for subprocesses to reach."""
+    fake.job_duration = 0.2
+    async with fake.serve() as base_url:
+        yield fake, base_url
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[object]:
     """Give sync tests a loop that we close.

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -21,14 +20,8 @@ from amp_cohorts_async import blocking
 from amp_cohorts_async.testing import FakeAmplitude
 
 
-@pytest.fixture
-async def served(fake: FakeAmplitude) -> AsyncIterator[str]:
-    fake.job_duration = 0.2
-    async with fake.serve() as base_url:
-        yield base_url
-
-
-def script_env(fake: FakeAmplitude, base_url: str) -> dict[str, str]:
+def script_env(served: tuple[FakeAmplitude, str]) -> dict[str, str]:
+    fake, base_url = served
     return {**os.environ, "AMPLITUDE_API_KEY": fake.api_key,
             "AMPLITUDE_SECRET_KEY": fake.secret_key, "AMPLITUDE_BASE_URL": base_url}
 
@@ -60,12 +53,12 @@ PLAIN_SCRIPT = textwrap.dedent("""
 
 
 async def test_a_plain_script_downloads_and_reads_without_await(
-    fake: FakeAmplitude, served: str, tmp_path: pathlib.Path
+    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
 ) -> None:
     script = tmp_path / "nightly.py"
     script.write_text(PLAIN_SCRIPT)
     result = await anyio.run_process([sys.executable, str(script), str(tmp_path / "out")],
-                                     env=script_env(fake, served), check=False)
+                                     env=script_env(served), check=False)
     assert result.returncode == 0, result.stderr.decode()
     report = json.loads(result.stdout)
     assert report["ids"] == ["small", "large"]
@@ -95,15 +88,16 @@ INTERRUPTED_SCRIPT = textwrap.dedent("""
 
 
 async def test_ctrl_c_cancels_the_call_and_leaves_no_thread_or_file(
-    fake: FakeAmplitude, served: str, tmp_path: pathlib.Path
+    served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
 ) -> None:
+    fake, _ = served
     fake.never_finish.add("large")
     script = tmp_path / "push.py"
     script.write_text(INTERRUPTED_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
     process = await anyio.open_process([sys.executable, str(script), str(out)],
-                                       env=script_env(fake, served))
+                                       env=script_env(served))
     assert process.stdout is not None
     assert process.stderr is not None
     seen = b""

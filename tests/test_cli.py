@@ -7,7 +7,6 @@ import os
 import pathlib
 import signal
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -16,13 +15,6 @@ import pytest
 from amp_cohorts_async.testing import FakeAmplitude
 
 CLI = [sys.executable, "-m", "amp_cohorts_async"]
-
-
-@pytest.fixture
-async def served(fake: FakeAmplitude) -> AsyncIterator[tuple[FakeAmplitude, str]]:
-    fake.job_duration = 0.2
-    async with fake.serve() as base_url:
-        yield fake, base_url
 
 
 def env_for(fake: FakeAmplitude) -> dict[str, str]:
@@ -220,7 +212,7 @@ async def test_plain_summary_resume_and_exit_codes(
     # A plain rerun makes a fresh export, and says how --resume would have helped.
     code, out, _ = await cli(served, "download", "small", "-o", str(tmp_path),
                              "--poll-interval", "0.1")
-    assert "note: 1 file here come from a batch of the last 6 days" in out
+    assert "note: 1 file here comes from a batch of the last 6 days; --resume keeps it" in out
     assert fake.cohort_requests == 2
     code, out, _ = await cli(served, "download", "small", "missing", "-o", str(tmp_path),
                              "--poll-interval", "0.1", "--resume")

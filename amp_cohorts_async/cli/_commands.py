@@ -64,7 +64,9 @@ def read_ids(source: str, column: str | None) -> list[str]:
     try:
         with handle if source != "-" else contextlib.nullcontext(handle):
             if column is None:
-                return [line.strip() for line in handle if line.strip()]
+                lines = [line.strip() for line in handle if line.strip()]
+                _refuse_several_columns(source, lines[:1])
+                return lines
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or column not in reader.fieldnames:
                 raise InvalidRequestError(f"{source} has no column {column!r}")
@@ -74,6 +76,16 @@ def read_ids(source: str, column: str | None) -> list[str]:
         raise InvalidRequestError(f"{source} is not UTF-8 text") from None
     except csv.Error as exc:
         raise InvalidRequestError(f"{source} is not a readable CSV: {exc}") from None
+
+
+def _refuse_several_columns(source: str, first_line: list[str]) -> None:
+    """Whole lines of a CSV with several columns are never ids: ask which column holds them."""
+    columns = next(csv.reader(first_line), [])
+    if len(columns) > 1:
+        names = ", ".join(repr(c.strip()) for c in columns)
+        raise InvalidRequestError(
+            f"{source} has several columns ({names}); say which one holds the ids with "
+            f"--column NAME (its first line is read as the header)")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -127,12 +139,18 @@ async def cmd_download(client: CohortsClient, args: argparse.Namespace, out: IO[
     plan = await _earlier_batch(pathlib.Path(args.output), ids, props, tuple(args.prop_key),
                                 client)
     if not args.resume and plan is not None and plan.finished:
-        info.write(f"note: {plural(len(plan.finished), 'file')} here come from a batch of the "
-                   f"last 6 days; --resume keeps them and spends no quota on them\n")
+        count = len(plan.finished)
+        info.write(f"note: {plural(count, 'file')} here {'comes' if count == 1 else 'come'} "
+                   f"from a batch of the last 6 days; --resume keeps "
+                   f"{'it' if count == 1 else 'them'} and spends no quota on "
+                   f"{'it' if count == 1 else 'them'}\n")
     spent_before = client.scheduler.cohort_requests_spent
     started = time.monotonic()
     # On a terminal without rich the view itself falls back to plain lines, saying so once.
-    view = ProgressView(list(dict.fromkeys(ids)), stream=info, live=info.isatty())
+    resumed = plan if args.resume and plan is not None else None
+    view = ProgressView(list(dict.fromkeys(ids)), stream=info, live=info.isatty(),
+                        as_json=args.json, kept=resumed.finished if resumed else (),
+                        reused=resumed.reusable if resumed else ())
     with view:
         outcomes = await client.download_cohorts(
             targets, str(directory), props=props, prop_keys=tuple(args.prop_key),
@@ -215,7 +233,8 @@ async def cmd_membership(client: CohortsClient, args: argparse.Namespace, out: I
     )
     skipped = sum(len(o.skipped_ids) for o in result.memberships_result)
     return report(args, out, result, f"cohort {result.cohort_id}: {operation.value} "
-                   f"{len(ids):,} ids in {result.requests_sent} requests, {skipped:,} skipped")
+                   f"{plural(len(ids), 'id')} in {plural(result.requests_sent, 'request')}, "
+                   f"{skipped:,} skipped")
 
 
 async def cmd_request(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:

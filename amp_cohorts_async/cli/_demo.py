@@ -15,7 +15,7 @@ from typing import IO
 import anyio
 
 from .._client import CohortsClient
-from .._config import DownloadPolicy, Limits, PollPolicy, RateWindow
+from .._config import DownloadPolicy, Limits, PollPolicy
 from .._models import Cohort
 from ..testing import FakeAmplitude
 from ._live import ProgressView
@@ -27,11 +27,7 @@ DEMO_TIME_SCALE = 0.05  # 4 per minute becomes 4 per 3 s; 60 per 10 minutes, 60 
 
 
 def demo_limits() -> Limits:
-    windows: tuple[RateWindow, ...] = tuple(
-        RateWindow(w.max_requests, w.seconds * DEMO_TIME_SCALE)
-        for w in Limits().cohort_requests
-    )
-    return Limits(cohort_requests=windows)
+    return Limits().time_scaled(DEMO_TIME_SCALE)
 
 
 async def run_demo(output: pathlib.Path, out: IO[str]) -> int:

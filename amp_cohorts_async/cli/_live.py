@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from collections import Counter
+from collections.abc import Collection
 from typing import IO, Any
 
 import attrs
 
+from .._exceptions import AmplitudeError
 from .._models import ProgressEvent
+from ._output import error_object, human_bytes
 
-__all__ = ("ProgressView", "human_bytes")
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(count) < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} GB"  # pragma: no cover - the loop returns
+__all__ = ("ProgressView",)
 
 
 @attrs.define
@@ -32,20 +29,33 @@ class _Line:
     started: float = attrs.field(factory=time.monotonic)
     transfer_started: float | None = None
     finished: float | None = None
+    error: AmplitudeError | None = None
+    kept: bool = False  # a verified file of the earlier batch, kept (--resume)
+    reused: bool = False  # an export request of the earlier batch, fetched again (--resume)
 
 
 _LABELS = {"queued": "queued", "requested": "export requested", "polling": "export running",
            "failed": "failed", "cancelled": "cancelled"}
+_ACTIVE = ("requested", "polling", "waiting", "downloading")
+# Rows the live view keeps for itself: the table's header, the overall bar and the line
+# that counts the rows left out; one more so the terminal does not scroll.
+_FRAME_ROWS = 4
 
 
 class ProgressView:
-    """Receives ProgressEvents; renders them live (rich) or as plain lines."""
+    """Receives ProgressEvents; renders them live (rich), as plain lines, or as JSON lines.
+
+    ``kept`` and ``reused`` name the cohorts of an earlier batch that ``--resume`` keeps or
+    fetches again, so they are labelled as such.
+    """
 
     def __init__(self, cohort_ids: list[str], *, stream: IO[str] | None = None,
-                 live: bool | None = None) -> None:
+                 live: bool | None = None, as_json: bool = False,
+                 kept: Collection[str] = (), reused: Collection[str] = ()) -> None:
         self.stream = stream or sys.stdout
-        self.lines = {c: _Line(c) for c in cohort_ids}
-        self.live = self.stream.isatty() if live is None else live
+        self.lines = {c: _Line(c, kept=c in kept, reused=c in reused) for c in cohort_ids}
+        self.as_json = as_json
+        self.live = (self.stream.isatty() if live is None else live) and not as_json
         self._live: Any = None
 
     # -- events --------------------------------------------------------------------------
@@ -56,6 +66,9 @@ class ProgressView:
         line.phase = event.phase
         line.bytes_done = event.bytes_done
         line.bytes_total = event.bytes_total
+        line.error = event.error
+        if self.as_json:
+            self._json_line(event)
         announce = event.phase != previous
         if event.phase == "waiting" and event.wait_seconds is not None:
             until = now + event.wait_seconds
@@ -70,8 +83,15 @@ class ProgressView:
             line.finished = now
         if self.live:
             self.refresh()
-        elif announce:
+        elif announce and not self.as_json:
             print(f"{event.cohort_id}: {self.describe(line)}", file=self.stream, flush=True)
+
+    def _json_line(self, event: ProgressEvent) -> None:
+        record = {"cohort_id": event.cohort_id, "phase": event.phase,
+                  "bytes_done": event.bytes_done, "bytes_total": event.bytes_total,
+                  "wait_seconds": event.wait_seconds, "wait_reason": event.wait_reason,
+                  "error": error_object(event.error) if event.error is not None else None}
+        print(json.dumps(record), file=self.stream, flush=True)
 
     def durations(self) -> dict[str, float]:
         """Seconds from queued to done (or failed), per finished cohort."""
@@ -81,6 +101,8 @@ class ProgressView:
     def describe(self, line: _Line) -> str:
         now = time.monotonic()
         if line.phase == "waiting" and line.wait_until is not None:
+            if line.wait_until <= now:  # the wait is over: its request is on its way
+                return "request sent"
             left = f"{max(0.0, line.wait_until - now):.0f}s left"
             if line.wait_reason == "amplitude":
                 return f"Amplitude asked to wait (429), {left}"
@@ -93,7 +115,12 @@ class ProgressView:
             speed = f" at {human_bytes(line.bytes_done / elapsed)}/s" if elapsed > 0.2 else ""
             return f"fetching {human_bytes(line.bytes_done)}{total}{speed}"
         if line.phase == "done":
-            return f"done, {human_bytes(line.bytes_done)}"
+            kept = " (kept from the earlier batch)" if line.kept else ""
+            return f"done, {human_bytes(line.bytes_done)}{kept}"
+        if line.phase == "failed" and line.error is not None:
+            return f"failed: {line.error}"
+        if line.reused and line.phase in ("requested", "polling"):
+            return f"{_LABELS[line.phase]} (reusing the earlier export, no quota)"
         return _LABELS.get(line.phase, line.phase)
 
     def cancelled(self) -> None:
@@ -101,29 +128,57 @@ class ProgressView:
         for line in self.lines.values():
             if line.phase not in ("done", "failed"):
                 line.phase = "cancelled"
-                if not self.live:
+                if self.as_json:
+                    print(json.dumps({"cohort_id": line.cohort_id, "phase": "cancelled"}),
+                          file=self.stream, flush=True)
+                elif not self.live:
                     print(f"{line.cohort_id}: cancelled", file=self.stream, flush=True)
 
     # -- live rendering ------------------------------------------------------------------
     def _render(self) -> Any:
         from rich.console import Group
+        from rich.markup import escape
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
         table = Table(box=None, show_header=True, header_style="bold")
-        table.add_column("cohort", overflow="fold")
-        table.add_column("status")
-        for line in self.lines.values():
+        # One terminal row per cohort whatever the width: a long id or reason is cut short
+        # (the summary at the end has them whole), so the view never outgrows the screen.
+        table.add_column("cohort", no_wrap=True, overflow="ellipsis", max_width=28)
+        table.add_column("status", no_wrap=True, overflow="ellipsis")
+        height = self._live.console.size.height if self._live is not None else 24
+        shown, left_out = self._rows_for(max(1, height - _FRAME_ROWS))
+        for line in shown:
             style = {"done": "green", "failed": "red", "waiting": "yellow",
                      "cancelled": "dim"}.get(line.phase, "")
-            table.add_row(line.cohort_id, f"[{style}]{self.describe(line)}[/]" if style
-                          else self.describe(line))
+            text = escape(self.describe(line))
+            table.add_row(escape(line.cohort_id), f"[{style}]{text}[/]" if style else text)
+        if left_out:
+            table.add_row(f"[dim]+ {len(left_out)} more[/]", "[dim]" + ", ".join(
+                f"{count} {phase}" for phase, count in Counter(
+                    "kept" if line.kept and line.phase == "done" else line.phase
+                    for line in left_out).most_common()) + "[/]")
         finished = sum(1 for line in self.lines.values() if line.phase in ("done", "failed"))
+        failed = sum(1 for line in self.lines.values() if line.phase == "failed")
         total = max(1, len(self.lines))
         bar = ProgressBar(total=total, completed=finished, width=40)
         summary = Table.grid(padding=(0, 1))
-        summary.add_row(bar, f"{finished}/{len(self.lines)} cohorts")
+        summary.add_row(bar, f"{finished}/{len(self.lines)} cohorts finished"
+                        + (f", {failed} failed" if failed else ""))
         return Group(table, summary)
+
+    def _rows_for(self, room: int) -> tuple[list[_Line], list[_Line]]:
+        """The cohorts worth a row when not all fit: those in progress, then the failed
+        (with their reason), then the finished and the queued; the rest are counted."""
+        lines = list(self.lines.values())
+        if len(lines) <= room:
+            return lines, []
+        rank = {phase: n for n, phase in enumerate((*_ACTIVE, "failed", "cancelled", "done"))}
+        ordered = sorted(lines, key=lambda line: rank.get(line.phase, len(rank)))
+        room -= 1  # the row that counts the rest
+        chosen = {id(line) for line in ordered[:room]}
+        return ([line for line in lines if id(line) in chosen],
+                [line for line in lines if id(line) not in chosen])
 
     def __enter__(self) -> ProgressView:
         if self.live:

@@ -5,8 +5,9 @@ Credentials come from the environment: AMPLITUDE_API_KEY and AMPLITUDE_SECRET_KE
 
 Every failure prints one line and exits non-zero: 2 bad input (arguments, files that cannot
 be read or written, a full disk), 3 authentication, 4 not found, 5 quota or limits, 6 an
-upload in which no id matched, 1 any other failure, 130 interrupted; add --debug for a
-traceback. Ctrl-C stops
+upload in which no id matched, 1 any other failure, 130 interrupted, 141 the reader of the
+output went away (as with `| head`); add --debug for a traceback. With --json, a failure is a
+JSON object on stderr: {"error": {"type", "status", "error_type", "message"}}. Ctrl-C stops
 cleanly: no partial file is left, and download --resume continues the batch without spending
 quota again on what was done.
 """
@@ -16,16 +17,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import pathlib
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import IO
 
 import amp_cohorts_async
 
 from .._client import CohortsClient
-from .._config import REGIONS, DownloadPolicy, PollPolicy
+from .._config import REGIONS, DownloadPolicy, Limits, PollPolicy, is_loopback
 from .._exceptions import (
     AmplitudeError,
     AuthenticationError,
@@ -38,6 +41,8 @@ from .._exceptions import (
 from .._models import IdType, MembershipIdType
 from ._commands import COMMANDS, limits_backend, run_diff
 from ._demo import run_demo
+from ._help import explain
+from ._output import error_object
 
 __all__ = ("build_parser", "main")
 
@@ -51,15 +56,23 @@ EXIT_CODES: tuple[tuple[type[AmplitudeError], int], ...] = (
 )
 
 
+OUTPUT_CLOSED = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--region", choices=sorted(REGIONS), default="us")
-    common.add_argument("--base-url", help="Amplitude origin override (proxies, the emulator)")
+    common.add_argument("--base-url", metavar="URL",
+                        help="Amplitude origin override (proxies, the emulator)")
     common.add_argument("--limits-url", metavar="URL",
                         help="share the account's limits with other processes and hosts "
                              "through this Redis (redis://host:6379/0); default: "
                              "AMPLITUDE_LIMITS_URL, else a file in the user's cache shared "
                              "by the runs on this host")
+    common.add_argument("--time-scale", type=float, metavar="FACTOR",
+                        help="run Amplitude's rate windows FACTOR times as long (0.05: 4 cohort "
+                             "requests per 3 s instead of per minute), to follow an emulator "
+                             "started with the same --time-scale; loopback --base-url only")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -76,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", parents=[common], help="request, poll and download cohorts")
     p.add_argument("cohort_ids", nargs="*", metavar="COHORT_ID")
-    p.add_argument("--all", action="store_true", help="every cohort list shows")
-    p.add_argument("-o", "--output", default=".", help="directory (default: current)")
+    p.add_argument("--all", action="store_true", help="every cohort `amp-cohorts list` shows")
+    p.add_argument("-o", "--output", default=".", metavar="DIR",
+                   help="directory for the files, created if missing (default: current)")
     p.add_argument("--props", action="store_true", help="include user properties")
     p.add_argument("--prop-key", action="append", default=[], metavar="KEY",
                    help="a user property to include (repeatable; implies --props)")
@@ -140,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("request_id", metavar="REQUEST_ID")
     p = sub.add_parser("fetch", parents=[common], help="download the file of a request")
     p.add_argument("request_id", metavar="REQUEST_ID")
-    p.add_argument("-o", "--output", required=True, help="file path")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="where to write the export")
 
     p = sub.add_parser("mirror", parents=[common],
                        help="keep this project's cohort mirrored into another project's, by "
@@ -170,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("demo", help="run the downloader against the built-in emulator")
-    p.add_argument("-o", "--output", default="amp-cohorts-demo")
+    p.add_argument("-o", "--output", default="amp-cohorts-demo", metavar="DIR")
     p.add_argument("--debug", action="store_true")
+    explain(parser)
     return parser
 
 
@@ -180,6 +196,18 @@ def _exit_code(error: AmplitudeError) -> int:
         if isinstance(error, cls):
             return code
     return 1
+
+
+def time_scaled_limits(factor: float | None, base_url: str | None) -> Limits | None:
+    """Amplitude's limits on a faster clock, for an emulator (never for Amplitude itself,
+    which would answer the faster pace with 429s)."""
+    if factor is None:
+        return None
+    origin = base_url or os.environ.get("AMPLITUDE_BASE_URL") or ""
+    if not is_loopback(urllib.parse.urlsplit(origin).hostname or ""):
+        raise InvalidRequestError("--time-scale is for an emulator on this machine: give a "
+                                  "loopback --base-url (http://127.0.0.1:PORT)")
+    return Limits().time_scaled(factor)
 
 
 def check_credentials() -> None:
@@ -201,6 +229,7 @@ async def run(args: argparse.Namespace, out: IO[str]) -> int:
     try:
         # The summary shows member counts, counted as the files are written.
         async with CohortsClient(region=args.region, base_url=args.base_url, poll=poll,
+                                 limits=time_scaled_limits(args.time_scale, args.base_url),
                                  limits_backend=backend,
                                  download=DownloadPolicy(count_members=True)) as client:
             return await COMMANDS[args.command](client, args, out)
@@ -221,10 +250,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("interrupted: no partial file was left; run the same download with --resume "
               "to continue without spending quota again", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        code = _output_closed()
     except AmplitudeError as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": error_object(error)}), file=sys.stderr)
+        else:
+            print(f"error: {error}", file=sys.stderr)
         code = _exit_code(error)
     except ModuleNotFoundError as error:
         if error.name != "rich" or args.debug:
@@ -244,5 +278,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: unexpected {type(error).__name__}: {error} "
               "(run again with --debug for a traceback)", file=sys.stderr)
         code = 1
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _output_closed()
     raise SystemExit(code)
+
+
+def _output_closed() -> int:
+    """The reader of stdout left (``amp-cohorts list | head -1``): not an error of ours.
+
+    stdout is pointed at /dev/null so the interpreter's last flush is quiet too; the exit
+    code is the shell's for a command ended by SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return OUTPUT_CLOSED

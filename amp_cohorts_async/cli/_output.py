@@ -13,9 +13,17 @@ import attrs
 
 from .._exceptions import AmplitudeError
 from .._models import CohortOutcome, SyncEntry, SyncReport
-from ._live import human_bytes
 
-__all__ = ("is_tty", "print_json", "report", "summary", "sync_summary")
+__all__ = ("error_object", "human_bytes", "is_tty", "print_json", "report", "summary",
+           "sync_summary")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"  # pragma: no cover - the loop returns
 
 
 def _jsonable(value: Any) -> Any:
@@ -30,8 +38,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, pathlib.Path):
         return str(value)
     if isinstance(value, AmplitudeError):
-        return f"{type(value).__name__}: {value}"
+        return error_object(value)
     return value
+
+
+def error_object(error: AmplitudeError) -> dict[str, Any]:
+    """An error as --json shows it: its type, the HTTP status (None when there was none), the
+    server's error type, and the message."""
+    return {"type": type(error).__name__, "status": getattr(error, "status_code", None),
+            "error_type": getattr(error, "type", None), "message": str(error)}
 
 
 def print_json(value: Any, out: IO[str]) -> None:

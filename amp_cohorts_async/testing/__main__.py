@@ -13,9 +13,7 @@ import argparse
 import asyncio
 import sys
 
-import attrs
-
-from .._config import Limits, RateWindow
+from .._config import Limits
 from ._fake import FakeAmplitude
 
 
@@ -72,10 +70,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 async def run(args: argparse.Namespace) -> None:
-    defaults = Limits()
-    limits = attrs.evolve(defaults, cohort_requests=tuple(
-        RateWindow(w.max_requests, w.seconds * args.time_scale)
-        for w in defaults.cohort_requests))
+    limits = Limits().time_scaled(args.time_scale)
     with FakeAmplitude(api_key=args.api_key, secret_key=args.secret_key, limits=limits,
                        job_duration=args.job_seconds, inline_threshold=args.inline_threshold,
                        gzip=args.gzip, seed=args.seed,
