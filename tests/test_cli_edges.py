@@ -170,3 +170,13 @@ async def test_the_live_view_fits_80x24_with_30_cohorts(
     assert "failed: HTTP 404" in text[:text.index("30/30 cohorts finished")]
     assert "files are in" in text
     assert not fake.violations
+
+
+def test_the_demo_says_in_words_what_its_scaled_limits_are() -> None:
+    from amp_cohorts_async.cli._demo import NEXT_STEPS, demo_limits, describe_scaled_limits
+
+    text = describe_scaled_limits(demo_limits())
+    assert "run 20 times faster" in text
+    assert "4 per 3 s instead of per minute" in text
+    assert "60 per 30 s instead of per 10 minutes" in text
+    assert "amp-cohorts list" in NEXT_STEPS

@@ -26,8 +26,33 @@ __all__ = ("DEMO_TIME_SCALE", "run_demo")
 DEMO_TIME_SCALE = 0.05  # 4 per minute becomes 4 per 3 s; 60 per 10 minutes, 60 per 30 s
 
 
+NEXT_STEPS = """
+next steps:
+  - your own project: export AMPLITUDE_API_KEY=... AMPLITUDE_SECRET_KEY=... (add --region eu
+    for an EU project), then `amp-cohorts list` and `amp-cohorts download COHORT_ID -o DIR`
+  - the emulator on its own, for your tests or scripts: python -m amp_cohorts_async.testing
+  - from Python: see "Library usage" and "Blocking use" in the README
+"""
+
+
 def demo_limits() -> Limits:
     return Limits().time_scaled(DEMO_TIME_SCALE)
+
+
+def describe_scaled_limits(limits: Limits) -> str:
+    """The demo's limits in plain words: Amplitude's own, on a faster clock."""
+    real = Limits().cohort_requests
+    pairs = ", ".join(
+        f"{w.max_requests} per {w.seconds:g} s instead of per {_duration(r.seconds)}"
+        for w, r in zip(limits.cohort_requests, real, strict=True))
+    return (f"Amplitude's rate limits run {1 / DEMO_TIME_SCALE:g} times faster here, so the "
+            f"demo takes seconds, not minutes: cohort requests {pairs}; the client waits for "
+            "them exactly as it would for the real ones")
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return "minute" if minutes == 1 else f"{minutes:g} minutes"
 
 
 async def run_demo(output: pathlib.Path, out: IO[str]) -> int:
@@ -44,10 +69,9 @@ async def run_demo(output: pathlib.Path, out: IO[str]) -> int:
         fake.add_cohort("newsletter", name="Newsletter readers", size=30_000)
         fake.add_cohort("beta-testers", name="Beta testers", size=250)
         async with fake.serve() as base_url:
-            out.write(f"FakeAmplitude serving on {base_url} (S3 stand-in on {fake.s3_origin})\n"
-                      f"limits scaled by {DEMO_TIME_SCALE}: "
-                      + ", ".join(f"{w.max_requests} cohort requests per {w.seconds:g}s"
-                                  for w in limits.cohort_requests) + "\n")
+            out.write(f"FakeAmplitude, the built-in emulator of Amplitude's API, is serving "
+                      f"on {base_url} (S3 stand-in on {fake.s3_origin})\n"
+                      + describe_scaled_limits(limits) + "\n")
             await anyio.Path(output).mkdir(parents=True, exist_ok=True)
             async with CohortsClient("demo-key", "demo-secret", base_url=base_url,
                                      limits=limits, download=DownloadPolicy(count_members=True),
@@ -66,5 +90,5 @@ async def run_demo(output: pathlib.Path, out: IO[str]) -> int:
         rate_limited = sum(1 for e in fake.log if e.status == 429)
         out.write(f"files are in {await anyio.Path(output).resolve()}\n"
                   f"{fake.cohort_requests} cohort requests, {rate_limited} answered 429, "
-                  f"{len(fake.violations)} limit violations\n")
+                  f"{len(fake.violations)} limit violations\n" + NEXT_STEPS)
     return 0 if all(o.ok for o in outcomes) and not fake.violations else 1

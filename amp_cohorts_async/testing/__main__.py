@@ -4,13 +4,24 @@ Point any client (amp-cohorts, curl, another language) at the printed base URL w
 printed API key and secret key. The emulator enforces Amplitude's real limits (5 concurrent
 requests, 4 cohort requests per minute and 60 per 10 minutes, 500 a month, 100,000 ids per
 request, 2M members per cohort) and records every breach; --time-scale 0.05 shrinks the rate
-windows twenty-fold for quick experiments (the client must use the same scaled Limits).
+windows twenty-fold for quick experiments (amp-cohorts takes the same --time-scale; a client
+of the library uses ``Limits().time_scaled(0.05)``).
+
+On its API port it also answers, without authentication (see ``testing/_control.py``):
+  GET  /_emulator/violations          the limit breaches so far (JSON list)
+  GET  /_emulator/log                 the requests so far, secrets masked (JSON list)
+  POST /_emulator/reset               clear the log, the violations and the usage
+  POST /_emulator/cohorts             add a cohort: {"id", "size", "properties", "last_computed"}
+  POST /_emulator/usage               {"usage": N}: cohort requests already spent this month
+  POST /_emulator/cohorts/ID/touch    recompute a cohort: new members, a later last_computed
+When it stops (Ctrl-C, SIGTERM) it prints the violations.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from .._config import Limits
@@ -84,14 +95,40 @@ async def run(args: argparse.Namespace) -> None:
             print("limits: " + ", ".join(f"{w.max_requests} cohort requests per {w.seconds:g}s"
                                          for w in limits.cohort_requests)
                   + f", {limits.max_concurrent_requests} concurrent (Amplitude's; scale the "
-                  "windows with --time-scale)", flush=True)
-            await asyncio.Event().wait()
+                  "windows with --time-scale, and run amp-cohorts with the same "
+                  "--time-scale)", flush=True)
+            print(f"inspect and steer it: GET {base_url}/_emulator/violations, "
+                  f"GET {base_url}/_emulator/log, POST {base_url}/_emulator/reset (see "
+                  "--help); Ctrl-C stops it and prints the violations", flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            try:
+                await stop.wait()
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
+        report_violations(fake)
+
+
+def report_violations(fake: FakeAmplitude) -> None:
+    """What the clients did wrong while it ran: the last thing it says."""
+    requests = sum(1 for entry in fake.log if entry.host == "amplitude")
+    if not fake.violations:
+        print(f"stopped: {requests} API requests, 0 limit violations", flush=True)
+        return
+    print(f"stopped: {requests} API requests, {len(fake.violations)} limit violations:",
+          flush=True)
+    for violation in fake.violations:
+        print(f"  at {violation.time:.3f}s: {violation.kind}: {violation.detail}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     try:
-        asyncio.run(run(parse_args(argv)))
-    except KeyboardInterrupt:
+        asyncio.run(run(args))
+    except KeyboardInterrupt:  # before the signal handlers were in place
         sys.exit(0)
 
 

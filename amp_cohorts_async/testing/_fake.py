@@ -196,8 +196,7 @@ class FakeAmplitude:
         self.log: list[LoggedRequest] = []
         self.violations: list[Violation] = []
         self.usage: dict[str, int] = {}
-        if usage:
-            self.usage[self._month()] = usage
+        self.set_usage(usage)
         self.active = 0
         self.max_active = 0
         self.never_finish: set[str] = set()
@@ -269,6 +268,18 @@ class FakeAmplitude:
         now = int(self.wall_clock().timestamp())
         cohort.recompute(churn, max(now, cohort.last_computed + 1))
         return cohort
+
+    def set_usage(self, usage: int) -> None:
+        """Cohort requests already spent this (calendar, UTC) month."""
+        if isinstance(usage, bool) or not isinstance(usage, int) or usage < 0:
+            raise ValueError(f"usage must be an int >= 0, got {usage!r}")
+        self.usage = {self._month(): usage} if usage else {}
+
+    def reset(self) -> None:
+        """Forget the request log, the violations and the usage; keep the cohorts."""
+        self.log.clear()
+        self.violations.clear()
+        self.usage.clear()
 
     def inject(self, endpoint: Endpoint, kind: FaultKind = "status", *, times: int = 1,
                status: int = 500, retry_after: float | None = None, after_bytes: int = 0,

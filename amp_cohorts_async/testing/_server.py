@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 
+from . import _control as control
 from ._fake import FakeAmplitude
 from ._transport import body_chunks, to_fake_request
 
@@ -53,7 +54,10 @@ async def _handle_connection(
                 return
             method, target, headers, body = parsed
             request = to_fake_request(method, target, headers, body, to_s3=to_s3)
-            response = await fake.handle(request)
+            if not to_s3 and request.path.startswith(control.PREFIX):
+                response = await control.answer(fake, request)
+            else:
+                response = await fake.handle(request)
             try:
                 keep_alive = headers.get("connection", "").lower() != "close"
                 out_headers = list(response.headers)
