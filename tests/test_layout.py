@@ -16,9 +16,11 @@ PACKAGE = pathlib.Path(amp_cohorts_async.__file__).parent
 HTTPX_MODULES = {"amp_cohorts_async._http"}
 # Public signatures name httpx types; these may import httpx for annotations only.
 HTTPX_ANNOTATIONS_ONLY = {"amp_cohorts_async._client", "amp_cohorts_async._exceptions"}
-# Layers above the client, which may use it (mirror_cohort drives two clients).
+# Layers above the client, which may use it (mirror_cohort drives two clients; the blocking
+# client and the dlt source wrap one).
 ABOVE_THE_CLIENT = ("amp_cohorts_async.cli", "amp_cohorts_async._client",
-                    "amp_cohorts_async.dlt", "amp_cohorts_async._mirror")
+                    "amp_cohorts_async.dlt", "amp_cohorts_async._mirror",
+                    "amp_cohorts_async.blocking")
 
 
 def module_name(path: pathlib.Path) -> str:
