@@ -7,7 +7,8 @@
 Each blocking client owns one event loop in a background thread, and each call runs the async
 client's coroutine of the same name there, so a batch keeps its concurrency and its limits
 and nothing is implemented twice. ``iter_members`` and ``iter_member_batches`` are plain
-generators over the async ones (each on a loop of its own while it is iterated).
+generators over the async ones, and ``diff_members`` a plain function (each on a loop of its
+own while it runs).
 
 Progress callbacks (``on_progress``) are called on the loop's thread. Ctrl-C while a call
 waits cancels that call on the loop (a download leaves no partial file) before the
@@ -31,12 +32,13 @@ from anyio.from_thread import BlockingPortal
 
 from ._client import CohortsClient as AsyncCohortsClient
 from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy
+from ._diff import diff_members as _diff_members
 from ._members import MemberBatch
 from ._members import iter_member_batches as _iter_member_batches
 from ._members import iter_members as _iter_members
 from ._scheduler import Scheduler
 
-__all__ = ("CohortsClient", "iter_member_batches", "iter_members")
+__all__ = ("CohortsClient", "diff_members", "iter_member_batches", "iter_members")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -214,6 +216,28 @@ class CohortsClient:
 
 async def _opened(*args: Any, **kwargs: Any) -> AsyncCohortsClient:
     return await AsyncCohortsClient(*args, **kwargs).__aenter__()
+
+
+# -- functions of the package -------------------------------------------------------------------
+
+def _blocking_function(
+    function: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, T]:
+    """``function`` without await: each call runs it on a loop of its own, then stops it."""
+
+    @functools.wraps(function)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        _refuse_inside_a_running_loop(function.__name__)
+        loop = _LoopThread()
+        try:
+            return loop.run(function, *args, **kwargs)
+        finally:
+            loop.stop()
+
+    return call
+
+
+diff_members = _blocking_function(_diff_members)
 
 
 # -- reading files ------------------------------------------------------------------------------

@@ -207,3 +207,22 @@ def test_subprocess_without_a_with_block_still_exits(tmp_path: pathlib.Path) -> 
                             check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"bye\n"
+
+
+def test_every_public_coroutine_function_of_the_package_has_a_blocking_twin() -> None:
+    import inspect
+
+    functions = {name for name in amp.__all__
+                 if inspect.iscoroutinefunction(getattr(amp, name))
+                 or inspect.isasyncgenfunction(getattr(amp, name))}
+    assert functions  # iter_members at least
+    assert sorted(functions - set(blocking.__all__)) == []
+
+
+def test_diff_members_without_await(tmp_path: pathlib.Path) -> None:
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    old.write_text('"amplitude_id","user_id"\n"1","a"\n"2","b"\n')
+    new.write_text('"amplitude_id","user_id"\n"2","b"\n"3","c"\n')
+    diff = blocking.diff_members(old, new, tmp_path / "out")
+    assert (diff.entering, diff.exiting, diff.unchanged) == (1, 1, 1)
+    assert loop_threads() == []
