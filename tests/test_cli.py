@@ -84,6 +84,7 @@ async def test_upload_from_stdin_and_csv_and_membership(
     served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
 ) -> None:
     fake = served[0]
+    fake.add_users(["u1", "u2", "u3", "u4"])
     code, out, err = await cli(served, "upload", "-", "--name", "From stdin", "--owner",
                                "o@example.com", "--app-id", "1", "--json",
                                stdin=b"u1\nu2\n\nu2\n")
@@ -233,6 +234,7 @@ async def test_upload_where_no_id_matched(served: tuple[FakeAmplitude, str]) -> 
     assert "no id matched" in err
     code, out, err = await cli(served, *args, "--allow-empty", stdin=b"not-a-number\n")
     assert code == 0, err
+    served[0].add_users(["u1"])
     code, out, err = await cli(served, "upload", "-", "--name", "n", "--owner",
                                "o@example.com", "--app-id", "1", "--dry-run", stdin=b"u1\n")
     assert code == 0, err

@@ -39,6 +39,7 @@ async def test_a_csv_with_several_columns_needs_a_column(
     served: tuple[FakeAmplitude, str], tmp_path: pathlib.Path
 ) -> None:
     fake, _ = served
+    fake.add_users(["ann@corp.example", "bob@corp.example"])
     users = tmp_path / "users.csv"
     users.write_text("email,plan\nann@corp.example,pro\nbob@corp.example,free\n")
     upload = ["upload", str(users), "--name", "Trialists", "--owner", "me@corp.example",

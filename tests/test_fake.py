@@ -312,6 +312,7 @@ async def test_expired_link_fault(fake: FakeAmplitude, http: httpx.AsyncClient) 
 async def test_upload_and_membership_apply_to_members(
     fake: FakeAmplitude, http: httpx.AsyncClient
 ) -> None:
+    fake.add_users(["a", "b", "c"])
     response = await http.post("/api/3/cohorts/upload", json={
         "name": "n", "app_id": 1, "id_type": "BY_USER_ID", "ids": ["a", "b"],
         "owner": "o@example.com", "published": True})
@@ -476,3 +477,38 @@ async def test_the_pytest_plugin_fixture(fake_amplitude: Any, tmp_path: pathlib.
     assert result.path.read_text().count("\n") == 51  # the header and 50 members
     assert fake_amplitude.fake.violations == []
     assert anyio.current_time() - started >= 10.0  # the 10 s export job, in virtual time
+
+
+async def test_uploads_match_ids_as_amplitude_does(
+    fake: FakeAmplitude, http: httpx.AsyncClient
+) -> None:
+    """Only users the project knows are matched: an upload of whole CSV lines, or of ids the
+    project never saw, cannot pass for a successful one."""
+    known = sorted(fake.member_ids("small"))[:2]
+    known_amplitude_id = sorted(fake.member_ids("large", by="amplitude_id"))[0]
+    fake.add_users(["registered@corp.example"])
+
+    async def upload(id_type: str, ids: list[str]) -> dict[str, object]:
+        response = await http.post("/api/3/cohorts/upload", json={
+            "name": "n", "app_id": 1, "id_type": id_type, "ids": ids,
+            "owner": "o@example.com", "published": True})
+        body: dict[str, object] = response.json()
+        return body
+
+    body = await upload("BY_USER_ID", [*known, "registered@corp.example",
+                                       "user-0@corp.example,0", "stranger@corp.example"])
+    assert body["metadata"] == {"matched": 3, "totals": 5, "invalid_ids_sample": []}
+    assert fake.member_ids(str(body["cohortId"])) == {*known, "registered@corp.example"}
+    body = await upload("BY_AMP_ID", [known_amplitude_id, "999", "user-0@corp.example,0"])
+    assert body["metadata"] == {"matched": 1, "totals": 3,
+                                "invalid_ids_sample": ["user-0@corp.example,0"]}
+    response = await http.post("/api/3/cohorts/membership", json={
+        "cohort_id": body["cohortId"], "memberships": [
+            {"ids": [known[0], "stranger@corp.example"], "id_type": "BY_NAME",
+             "operation": "ADD"}]})
+    assert response.json()["memberships_result"][0]["skipped_ids"] == ["stranger@corp.example"]
+    touched_out = sorted(fake.member_ids("small"))[0]
+    fake.touch("small", churn=1.0)  # everyone leaves the cohort, and stays a known user
+    assert touched_out not in fake.member_ids("small")
+    body = await upload("BY_USER_ID", [touched_out])
+    assert body["metadata"] == {"matched": 1, "totals": 1, "invalid_ids_sample": []}

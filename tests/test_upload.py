@@ -25,6 +25,7 @@ async def test_upload_250001_ids_in_three_requests(
     client: amp.CohortsClient, fake: FakeAmplitude
 ) -> None:
     ids = user_ids(250_001)
+    fake.add_users(ids)  # Amplitude matches only users the project knows
     result = await client.upload_cohort(**BASE, id_type="BY_USER_ID", ids=iter(ids))
     assert all(entry.status == 200 for entry in fake.log)
     uploads = fake.requests_to("upload")
@@ -67,6 +68,7 @@ async def test_upload_accepts_async_iterables_and_removes_duplicates(
         for value in ["a", "b", "a", "c", "b"]:
             yield value
 
+    fake.add_users(["a", "b", "c"])
     result = await client.upload_cohort(**BASE, id_type="BY_USER_ID", ids=gen())
     assert result.duplicates_removed == 2
     assert result.totals == 3
@@ -75,6 +77,7 @@ async def test_upload_accepts_async_iterables_and_removes_duplicates(
 
 async def test_replace_an_existing_cohort(client: amp.CohortsClient, fake: FakeAmplitude) -> None:
     fake.add_cohort("existing", size=0, members=[])
+    fake.add_users(["x", "y", "z"])
     first = await client.upload_cohort(**BASE, id_type="BY_USER_ID", ids=["x", "y"],
                                        existing_cohort_id="existing")
     assert first.cohort_id == "existing"
@@ -84,10 +87,11 @@ async def test_replace_an_existing_cohort(client: amp.CohortsClient, fake: FakeA
 
 
 async def test_skip_save_validates_every_chunk_and_saves_nothing(fake: FakeAmplitude) -> None:
+    known = sorted(fake.member_ids("large", by="amplitude_id"))[:4]
     async with amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(),
                                  limits=amp.Limits(max_ids_per_request=2)) as client:
         result = await client.upload_cohort(**BASE, id_type="BY_AMP_ID",
-                                            ids=["1", "2", "x", "4", "5"], skip_save=True)
+                                            ids=[*known[:2], "x", *known[2:]], skip_save=True)
     assert len(fake.requests_to("upload")) == 3
     assert not fake.requests_to("membership")
     assert (result.matched, result.totals, result.invalid_ids_sample) == (4, 5, ["x"])
@@ -98,6 +102,7 @@ async def test_skip_save_validates_every_chunk_and_saves_nothing(fake: FakeAmpli
 async def test_failure_on_chunk_2_of_3_is_reported_precisely(fake: FakeAmplitude) -> None:
     fake.inject("membership", "status", status=500, times=10)
     ids = user_ids(25)
+    fake.add_users(ids)
     async with amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(),
                                  limits=amp.Limits(max_ids_per_request=10),
                                  retry=amp.RetryPolicy(max_attempts=2)) as client:
@@ -126,6 +131,7 @@ async def test_membership_add_and_remove_150000_ids(
 ) -> None:
     fake.add_cohort("target", size=0, members=[])
     adds = user_ids(150_000, "a")
+    fake.add_users([*adds, "new"])
     result = await client.update_membership("target", [
         amp.MembershipChange(ids=adds, id_type="BY_NAME", operation="ADD")])
     assert fake.member_ids("target") == set(adds)
@@ -175,6 +181,7 @@ async def test_writes_to_one_cohort_are_serialised(
     import anyio
 
     fake.add_cohort("target", size=0, members=[])
+    fake.add_users(id_ for prefix in "abcd" for id_ in user_ids(5, prefix))
 
     async def add(prefix: str) -> None:
         await client.update_membership("target", [
@@ -294,6 +301,7 @@ def test_membership_packing_respects_the_limit(sizes: list[int], limit: int) -> 
             fake.add_cohort("t", size=0, members=[])
             changes = [amp.MembershipChange(ids=user_ids(n, f"c{i}-"), id_type="BY_NAME",
                                             operation="ADD") for i, n in enumerate(sizes)]
+            fake.add_users(id_ for change in changes for id_ in change.ids)
             async with amp.CohortsClient(fake.api_key, fake.secret_key,
                                          transport=fake.transport(),
                                          limits=amp.Limits(max_ids_per_request=limit)) as c:

@@ -79,6 +79,29 @@ class FakeCohort:
     def size(self) -> int:
         return self.generated_size if self._members is None else len(self._members)
 
+    def generated_member(self, *, user_id: str | None = None, amplitude_id: str | None = None
+                         ) -> Member | None:
+        """The generated member, present or past (a user stays known to the project after a
+        recomputation took them out), with this user id or Amplitude id; None if none."""
+        try:
+            if amplitude_id is not None:
+                index = int(amplitude_id) - 100_000_000_000 - self.seed * 10_000_000
+            elif user_id is not None and self.group_type is not None:
+                index = int(user_id.removeprefix(f"{self.group_type}-"))
+            elif user_id is not None:
+                index = int(user_id.removeprefix(f"user-{self.seed}-")
+                            .removesuffix("@example.com"))
+            else:
+                return None
+        except ValueError:
+            return None
+        if not 0 <= index < self.generated_start + self.generated_size:
+            return None
+        member = self.generated(index)
+        wanted = (member.amplitude_id == amplitude_id if amplitude_id is not None
+                  else member.user_id == user_id)
+        return member if wanted else None
+
     def iter_members(self) -> Iterator[Member]:
         if self._members is None:
             start = self.generated_start

@@ -17,7 +17,7 @@ import secrets
 import ssl
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
@@ -197,6 +197,10 @@ class FakeAmplitude:
         self.violations: list[Violation] = []
         self.usage: dict[str, int] = {}
         self.set_usage(usage)
+        # Users the project knows beyond the generated members of its cohorts (add_users,
+        # explicit members): Amplitude matches an upload's ids against the project's users.
+        self._user_ids: dict[str, str] = {}  # user id -> Amplitude id
+        self._amplitude_ids: dict[str, str] = {}  # Amplitude id -> user id ("" if none)
         self.active = 0
         self.max_active = 0
         self.never_finish: set[str] = set()
@@ -252,6 +256,7 @@ class FakeAmplitude:
             cohort.last_computed = int(last_computed)
         if members is not None:
             cohort.replace(members)
+            self._know(members)
         self.cohorts[cohort_id] = cohort
         return cohort
 
@@ -268,6 +273,34 @@ class FakeAmplitude:
         now = int(self.wall_clock().timestamp())
         cohort.recompute(churn, max(now, cohort.last_computed + 1))
         return cohort
+
+    def add_users(self, user_ids: Iterable[str]) -> None:
+        """Make users known to the project, as if they had sent events: uploads and
+        membership changes by user id match them (each gets an Amplitude id). Members of
+        the fake's cohorts, present and past, are known already."""
+        self._know(self._new_user(user_id) for user_id in user_ids)
+
+    def _know(self, members: Iterable[Member]) -> None:
+        for member in members:
+            self._amplitude_ids[member.amplitude_id] = member.user_id
+            if member.user_id:
+                self._user_ids[member.user_id] = member.amplitude_id
+
+    def known_member(self, value: str, *, by_user: bool) -> Member | None:
+        """The project's user with this user id (``by_user``) or Amplitude id, as Amplitude
+        matches an upload: unknown ids, and text that is no Amplitude id, match nobody."""
+        if by_user and value in self._user_ids:
+            return Member(self._user_ids[value], value)
+        if not by_user and value in self._amplitude_ids:
+            return Member(value, self._amplitude_ids[value])
+        if not by_user and not self._valid_amplitude_id(value):
+            return None
+        for cohort in self.cohorts.values():
+            found = (cohort.generated_member(user_id=value) if by_user
+                     else cohort.generated_member(amplitude_id=value))
+            if found is not None:
+                return Member(found.amplitude_id, found.user_id)
+        return None
 
     def set_usage(self, usage: int) -> None:
         """Cohort requests already spent this (calendar, UTC) month."""
@@ -633,11 +666,10 @@ class FakeAmplitude:
     def _valid_amplitude_id(value: str) -> bool:
         return value.isdigit()
 
-    def _member_for(self, value: str, by_user: bool) -> Member:
-        if by_user:
-            digest = int(hashlib.sha256(value.encode()).hexdigest()[:12], 16)
-            return Member(str(200_000_000_000 + digest % 99_999_999_999), value)
-        return Member(value, "")
+    @staticmethod
+    def _new_user(user_id: str) -> Member:
+        digest = int(hashlib.sha256(user_id.encode()).hexdigest()[:12], 16)
+        return Member(str(200_000_000_000 + digest % 99_999_999_999), user_id)
 
     async def _on_upload(self, request: FakeRequest, _fault: Fault | None) -> FakeResponse:
         data = self._body(request)
@@ -668,9 +700,11 @@ class FakeAmplitude:
             if not ok:
                 return _error(429, "too_many_requests", "Cohort is being updated",
                               headers=[("Retry-After", "1")])
-            valid = [i for i in ids if i not in set(invalid)]
+            refused = set(invalid)
+            # Matched: the ids of users the project knows; the rest join nobody.
+            members = [m for m in (self.known_member(i, by_user=by_user)
+                                   for i in ids if i not in refused) if m is not None]
             if not data.get("skip_save", False):
-                members = [self._member_for(i, by_user) for i in valid]
                 if existing is not None:
                     self.cohorts[existing].replace(members)
                 else:
@@ -682,7 +716,8 @@ class FakeAmplitude:
                     cohort.created_at = int(self.wall_clock().timestamp())
                     cohort.replace(members)
         return _json(200, {"cohortId": target, "metadata": {
-            "matched": len(valid), "totals": len(ids), "invalid_ids_sample": invalid[:10]}})
+            "matched": len(members), "totals": len(ids),
+            "invalid_ids_sample": invalid[:10]}})
 
     async def _on_membership(self, request: FakeRequest, _fault: Fault | None) -> FakeResponse:
         data = self._body(request)
@@ -717,10 +752,11 @@ class FakeAmplitude:
                 skipped = []
                 for value in change["ids"]:
                     if change["operation"] == "ADD":
-                        if not by_name and not self._valid_amplitude_id(value):
+                        member = self.known_member(value, by_user=by_name)
+                        if member is None:  # not an id of a user the project knows
                             skipped.append(value)
                         elif not (by_name and cohort.has_user(value)):
-                            cohort.add(self._member_for(value, by_name))
+                            cohort.add(member)
                     else:
                         removed = (cohort.remove_by_user_id(value) if by_name
                                    else cohort.remove_by_amplitude_id(value))
