@@ -212,6 +212,7 @@ class CohortsClient:
     update_membership = _Blocking(AsyncCohortsClient.update_membership)
     download_cohort = _Blocking(AsyncCohortsClient.download_cohort)
     download_cohorts = _Blocking(AsyncCohortsClient.download_cohorts)
+    sync_cohorts = _Blocking(AsyncCohortsClient.sync_cohorts)
 
 
 async def _opened(*args: Any, **kwargs: Any) -> AsyncCohortsClient:
