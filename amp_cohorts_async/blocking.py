@@ -213,6 +213,7 @@ class CohortsClient:
     download_cohort = _Blocking(AsyncCohortsClient.download_cohort)
     download_cohorts = _Blocking(AsyncCohortsClient.download_cohorts)
     sync_cohorts = _Blocking(AsyncCohortsClient.sync_cohorts)
+    apply_diff = _Blocking(AsyncCohortsClient.apply_diff)
 
 
 async def _opened(*args: Any, **kwargs: Any) -> AsyncCohortsClient:

@@ -147,6 +147,7 @@ async def test_id_type_follows_the_key(tmp_path: pathlib.Path) -> None:
     new = export(tmp_path / "new.csv", [2, 3])
     diff = await amp.diff_members(old, new, tmp_path / "by-user", key="user_id")
     with fake_with("target", [1, 2]) as fake:
+        fake.add_users(["user-3"])  # a user of the project, as an entering member is
         async with client_of(fake) as client:
             result = await client.apply_diff("target", diff)
         assert fake.member_ids("target") == {"user-2", "user-3"}

@@ -287,8 +287,9 @@ class FakeAmplitude:
                 self._user_ids[member.user_id] = member.amplitude_id
 
     def known_member(self, value: str, *, by_user: bool) -> Member | None:
-        """The project's user with this user id (``by_user``) or Amplitude id, as Amplitude
-        matches an upload: unknown ids, and text that is no Amplitude id, match nobody."""
+        """The member an upload's id stands for, as Amplitude matches it: a user id matches
+        only a user the project knows; an Amplitude id must be one (digits), and then
+        stands for that user (the emulator does not track which numbers were handed out)."""
         if by_user and value in self._user_ids:
             return Member(self._user_ids[value], value)
         if not by_user and value in self._amplitude_ids:
@@ -300,7 +301,7 @@ class FakeAmplitude:
                      else cohort.generated_member(amplitude_id=value))
             if found is not None:
                 return Member(found.amplitude_id, found.user_id)
-        return None
+        return None if by_user else Member(value, "")
 
     def set_usage(self, usage: int) -> None:
         """Cohort requests already spent this (calendar, UTC) month."""
