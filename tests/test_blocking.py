@@ -68,7 +68,9 @@ async def test_a_plain_script_downloads_and_reads_without_await(
     assert set(report["first_row"]) == {"amplitude_id", "user_id", "city", "plan"}
     assert report["rows"] == 25
     assert report["batch_sizes"] == [7000, 7000, 6000]
-    assert report["threads"] == ["MainThread"]  # every loop thread ended with its client
+    # Every loop thread ended with its client or generator (anyio's idle worker threads,
+    # told to stop with their loop, may take a moment longer; they are daemons).
+    assert [t for t in report["threads"] if t != "AnyIO worker thread"] == ["MainThread"]
 
 
 INTERRUPTED_SCRIPT = textwrap.dedent("""
@@ -192,7 +194,9 @@ def test_every_public_coroutine_of_the_async_client_has_a_blocking_method() -> N
                   if not name.startswith("_") and asyncio.iscoroutinefunction(value)}
     coroutines -= {"aclose"}  # close() is its blocking counterpart
     missing = sorted(name for name in coroutines if not hasattr(blocking.CohortsClient, name))
-    assert missing == []
+    assert missing == [], (
+        "give each a line in amp_cohorts_async/blocking.py: NAME = _Blocking(AsyncCohortsClient"
+        ".NAME)")
     for name in coroutines:
         assert getattr(blocking.CohortsClient, name).__doc__ == getattr(
             amp.CohortsClient, name).__doc__
@@ -216,7 +220,9 @@ def test_every_public_coroutine_function_of_the_package_has_a_blocking_twin() ->
                  if inspect.iscoroutinefunction(getattr(amp, name))
                  or inspect.isasyncgenfunction(getattr(amp, name))}
     assert functions  # iter_members at least
-    assert sorted(functions - set(blocking.__all__)) == []
+    assert sorted(functions - set(blocking.__all__)) == [], (
+        "give each a blocking twin in amp_cohorts_async/blocking.py (_blocking_function; a "
+        "function that takes CohortsClients needs the blocking clients' loops in mind)")
 
 
 def test_diff_members_without_await(tmp_path: pathlib.Path) -> None:
