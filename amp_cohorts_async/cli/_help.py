@@ -23,6 +23,7 @@ EXAMPLES: dict[str, str] = {
     "status": "amp-cohorts status 0123456789abcdef01234567",
     "fetch": "amp-cohorts fetch 0123456789abcdef01234567 -o abc123.csv",
     "demo": "amp-cohorts demo -o /tmp/amp-demo",
+    "diff": "amp-cohorts diff exports/abc123.1.csv exports/abc123.csv changes/ --key user_id",
 }
 
 # Help for options that the parser leaves without, by (command, dest) or by dest alone.
