@@ -6,9 +6,9 @@
 
 Each blocking client owns one event loop in a background thread, and each call runs the async
 client's coroutine of the same name there, so a batch keeps its concurrency and its limits
-and nothing is implemented twice. ``iter_members`` and ``iter_member_batches`` are plain
-generators over the async ones, and ``diff_members`` a plain function (each on a loop of its
-own while it runs).
+and nothing is implemented twice. ``iter_members``, ``iter_member_batches`` and
+``iter_arrow_batches`` are plain generators over the async ones, and ``diff_members`` a plain
+function (each on a loop of its own while it runs).
 
 Progress callbacks (``on_progress``) are called on the loop's thread. Ctrl-C while a call
 waits cancels that call on the loop (a download leaves no partial file) before the
@@ -25,11 +25,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from concurrent.futures import Future
 from os import PathLike
 from types import TracebackType
-from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 import anyio
 from anyio.from_thread import BlockingPortal
 
+from ._arrow import iter_arrow_batches as _iter_arrow_batches
 from ._client import CohortsClient as AsyncCohortsClient
 from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy
 from ._diff import diff_members as _diff_members
@@ -38,7 +39,11 @@ from ._members import iter_member_batches as _iter_member_batches
 from ._members import iter_members as _iter_members
 from ._scheduler import Scheduler
 
-__all__ = ("CohortsClient", "diff_members", "iter_member_batches", "iter_members")
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ("CohortsClient", "diff_members", "iter_arrow_batches", "iter_member_batches",
+           "iter_members")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -270,6 +275,14 @@ def iter_members(path: str | PathLike[str]) -> Iterator[dict[str, str]]:
     """The rows of a downloaded cohort file as dicts keyed by the header (a generator)."""
     _refuse_inside_a_running_loop("iter_members")
     return _blocking_iter(_iter_members(path), _ROWS_PER_TRIP)
+
+
+def iter_arrow_batches(
+    path: str | PathLike[str], *, batch_rows: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """A downloaded cohort file as ``pyarrow.RecordBatch`` es (a generator; ``arrow`` extra)."""
+    _refuse_inside_a_running_loop("iter_arrow_batches")
+    return _blocking_iter(_iter_arrow_batches(path, batch_rows=batch_rows), 1)
 
 
 def iter_member_batches(

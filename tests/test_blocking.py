@@ -232,3 +232,13 @@ def test_diff_members_without_await(tmp_path: pathlib.Path) -> None:
     diff = blocking.diff_members(old, new, tmp_path / "out")
     assert (diff.entering, diff.exiting, diff.unchanged) == (1, 1, 1)
     assert loop_threads() == []
+
+
+def test_arrow_batches_without_await(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("pyarrow")  # the arrow extra; the dev extra has it
+    path = tmp_path / "c.csv"
+    path.write_text('"amplitude_id","user_id"\n"1","a"\n"2",""\n"3","c"\n')
+    batches = list(blocking.iter_arrow_batches(path, batch_rows=2))
+    assert [b.num_rows for b in batches] == [2, 1]
+    assert batches[0].column("amplitude_id").to_pylist() == [1, 2]
+    assert batches[0].column("user_id").to_pylist() == ["a", None]
