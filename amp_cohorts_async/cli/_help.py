@@ -23,6 +23,8 @@ EXAMPLES: dict[str, str] = {
     "status": "amp-cohorts status 0123456789abcdef01234567",
     "fetch": "amp-cohorts fetch 0123456789abcdef01234567 -o abc123.csv",
     "demo": "amp-cohorts demo -o /tmp/amp-demo",
+    "sync": "amp-cohorts sync exports/ --all --max-requests 20\n"
+            "  amp-cohorts sync exports/ abc123 def456 --dry-run --every 1d",
     "diff": "amp-cohorts diff exports/abc123.1.csv exports/abc123.csv changes/ --key user_id",
 }
 
@@ -32,6 +34,8 @@ OPTION_HELP: dict[tuple[str, str] | str, str] = {
               "(analytics.eu.amplitude.com); default: us",
     "sync_info": "include each cohort's sync targets (includeSyncInfo)",
     "cohort_ids": "ids of the cohorts to download (see `amp-cohorts list`)",
+    ("sync", "cohort_ids"): "ids of the cohorts to keep fresh copies of (see "
+                            "`amp-cohorts list`)",
     ("upload", "name"): "name of the new cohort",
     ("upload", "app_id"): "the Amplitude project (app) id the cohort belongs to",
     ("upload", "id_type"): "what the ids are: BY_USER_ID (user ids) or BY_AMP_ID "
