@@ -26,6 +26,7 @@ FAST = amp.RetryPolicy(initial_delay=0.01, max_delay=0.02)
 @pytest.fixture
 def fake() -> Iterator[FakeAmplitude]:
     with FakeAmplitude() as fake:
+        fake.add_users(IDS)  # users the project knows: the emulator matches only those
         yield fake
 
 
