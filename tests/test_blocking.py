@@ -85,7 +85,8 @@ INTERRUPTED_SCRIPT = textwrap.dedent("""
             print("interrupted", os.listdir(sys.argv[1]), flush=True)
             raise
         finally:
-            print("threads", [t.name for t in threading.enumerate()], flush=True)
+            print("threads", [t.name for t in threading.enumerate()
+                              if t.name != "AnyIO worker thread"], flush=True)
 """)
 
 
