@@ -173,6 +173,7 @@ async def test_under_random_faults_no_upload_makes_two_cohorts(seed: int) -> Non
     """Every endpoint faulted at random (5xx, 429, answers cut after acting): each upload
     call ends with its one cohort, or an error; never two cohorts of one call's name."""
     with FakeAmplitude(seed=seed) as fake:
+        fake.add_users(IDS)  # users the project knows: the emulator matches only those
         fake.random_faults(0.4, seed=seed)
         outcomes: dict[str, str | None] = {}
         async with client_for(fake, retry=amp.RetryPolicy(max_attempts=4)) as client:
