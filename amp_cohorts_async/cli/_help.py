@@ -25,6 +25,8 @@ EXAMPLES: dict[str, str] = {
     "demo": "amp-cohorts demo -o /tmp/amp-demo",
     "sync": "amp-cohorts sync exports/ --all --max-requests 20\n"
             "  amp-cohorts sync exports/ abc123 def456 --dry-run --every 1d",
+    "mirror": "amp-cohorts mirror abc123 mirror-state/ --app-id 654321 --owner me@corp.example"
+              "\n  (with AMPLITUDE_TARGET_API_KEY and AMPLITUDE_TARGET_SECRET_KEY set)",
     "diff": "amp-cohorts diff exports/abc123.1.csv exports/abc123.csv changes/ --key user_id",
 }
 
@@ -41,6 +43,8 @@ OPTION_HELP: dict[tuple[str, str] | str, str] = {
     ("upload", "id_type"): "what the ids are: BY_USER_ID (user ids) or BY_AMP_ID "
                            "(Amplitude ids); default: BY_USER_ID",
     ("upload", "published"): "make the cohort visible to the whole organisation",
+    ("mirror", "published"): "make the target cohort visible to the whole organisation",
+    ("mirror", "target_region"): "the target project's data region: us or eu (default: us)",
     ("membership", "operation"): "add the ids to the cohort, or remove them",
     "cohort_id": "the cohort's id (see `amp-cohorts list`)",
     ("membership", "id_type"): "what the ids are: BY_NAME (user ids) or BY_ID (Amplitude ids); "
