@@ -43,6 +43,7 @@ def writes(fake: FakeAmplitude) -> int:
 async def test_created_unchanged_updated(tmp_path: pathlib.Path) -> None:
     state = tmp_path / "state"
     with FakeAmplitude(job_duration=3.0) as origin, FakeAmplitude() as copy:
+        copy.knows_users_of(origin)  # the same people in both projects
         origin.add_cohort("src", size=60)
         async with client_of(origin) as source, client_of(copy) as target:
             first = await amp.mirror_cohort(source, target, "src", state, app_id=7,
@@ -84,6 +85,7 @@ async def test_an_interrupted_apply_is_finished_by_the_next_run(tmp_path: pathli
     state = tmp_path / "state"
     limits = amp.Limits(max_ids_per_request=2)
     with FakeAmplitude(job_duration=3.0) as origin, FakeAmplitude() as copy:
+        copy.knows_users_of(origin)  # the same people in both projects
         origin.add_cohort("src", size=40)
         async with client_of(origin) as source, client_of(copy, limits=limits) as target:
             created = await amp.mirror_cohort(source, target, "src", state, app_id=7,
@@ -115,6 +117,7 @@ async def test_an_interrupted_apply_is_finished_by_the_next_run(tmp_path: pathli
 
 async def test_an_empty_source_creates_no_target(tmp_path: pathlib.Path) -> None:
     with FakeAmplitude(job_duration=1.0) as origin, FakeAmplitude() as copy:
+        copy.knows_users_of(origin)  # the same people in both projects
         origin.add_cohort("empty", size=0)
         async with client_of(origin) as source, client_of(copy) as target:
             result = await amp.mirror_cohort(source, target, "empty", tmp_path, app_id=7,
@@ -141,6 +144,7 @@ async def test_bad_input(tmp_path: pathlib.Path, options: dict[str, object],
                                     **options}
     cohort_id = arguments.pop("cohort_id")
     with FakeAmplitude() as origin, FakeAmplitude() as copy:
+        copy.knows_users_of(origin)  # the same people in both projects
         async with client_of(origin) as source, client_of(copy) as target:
             with pytest.raises(amp.InvalidRequestError, match=message):
                 await amp.mirror_cohort(source, target, cohort_id, tmp_path,  # type: ignore[arg-type]
@@ -151,6 +155,7 @@ async def test_bad_input(tmp_path: pathlib.Path, options: dict[str, object],
 async def test_command_line_mirror(tmp_path: pathlib.Path) -> None:
     with FakeAmplitude(job_duration=0.0) as origin, FakeAmplitude(
             api_key="target-key", secret_key="target-secret") as copy:
+        copy.knows_users_of(origin)  # the same people in both projects
         origin.add_cohort("src", size=30)
         async with origin.serve() as source_url, copy.serve() as target_url:
             env = {**os.environ, "AMPLITUDE_API_KEY": origin.api_key,

@@ -201,6 +201,7 @@ class FakeAmplitude:
         # explicit members): Amplitude matches an upload's ids against the project's users.
         self._user_ids: dict[str, str] = {}  # user id -> Amplitude id
         self._amplitude_ids: dict[str, str] = {}  # Amplitude id -> user id ("" if none)
+        self._also_known: list[FakeAmplitude] = []
         self.active = 0
         self.max_active = 0
         self.never_finish: set[str] = set()
@@ -286,6 +287,11 @@ class FakeAmplitude:
             if member.user_id:
                 self._user_ids[member.user_id] = member.amplitude_id
 
+    def knows_users_of(self, other: FakeAmplitude) -> None:
+        """Users of ``other`` (another project with the same people, as a mirror's source
+        is) are users of this project too: uploads here match them."""
+        self._also_known.append(other)
+
     def known_member(self, value: str, *, by_user: bool) -> Member | None:
         """The member an upload's id stands for, as Amplitude matches it: a user id matches
         only a user the project knows; an Amplitude id must be one (digits), and then
@@ -301,6 +307,9 @@ class FakeAmplitude:
                      else cohort.generated_member(amplitude_id=value))
             if found is not None:
                 return Member(found.amplitude_id, found.user_id)
+        for other in self._also_known:
+            if by_user and (member := other.known_member(value, by_user=True)) is not None:
+                return member
         return None if by_user else Member(value, "")
 
     def set_usage(self, usage: int) -> None:
