@@ -158,12 +158,13 @@ async def test_ctrl_c_then_resume_spends_no_extra_quota(
                 await anyio.sleep(0.05)
         await anyio.sleep(0.3)
         process.send_signal(signal.SIGINT)
-        with anyio.fail_after(20):
-            code = await process.wait()
         assert process.stderr is not None
         assert process.stdout is not None
-        err = (await process.stderr.receive()).decode()
-        out = (await process.stdout.receive()).decode()
+        with anyio.fail_after(20):
+            # Read each stream to its end: one receive() may return only part of it.
+            err = b"".join([chunk async for chunk in process.stderr]).decode()
+            out = b"".join([chunk async for chunk in process.stdout]).decode()
+            code = await process.wait()
     assert code == 130
     assert "--resume" in err
     assert "large: cancelled" in out  # stopped, not failed
