@@ -60,6 +60,7 @@ from ._limits import (
     ReleaseSignal,
     Settlement,
     SlidingWindowLog,
+    checked_lease_ttl,
     utc_month,
 )
 
@@ -113,12 +114,7 @@ class FileLimits:
                  lease_ttl: float = 30.0) -> None:
         if path is not None and not isinstance(path, str | os.PathLike):
             raise InvalidRequestError(f"path must be a file path or None, got {path!r}")
-        if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int | float) or not (
-            math.isfinite(lease_ttl) and lease_ttl >= 0.5
-        ):
-            raise InvalidRequestError(f"lease_ttl must be a number of seconds >= 0.5, "
-                                      f"got {lease_ttl!r}")
-        self.lease_ttl: float | None = float(lease_ttl)
+        self.lease_ttl: float | None = checked_lease_ttl(lease_ttl)
         self._given_path = None if path is None else pathlib.Path(os.fspath(path))
         if self._given_path is not None:
             _require_regular_or_missing(self._given_path, InvalidRequestError)

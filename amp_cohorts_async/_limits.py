@@ -61,10 +61,22 @@ __all__ = (
     "ReleaseSignal",
     "Settlement",
     "SlidingWindowLog",
+    "checked_lease_ttl",
     "utc_month",
 )
 
 WINDOW_EDGE = 1e-3  # seconds
+
+
+def checked_lease_ttl(lease_ttl: object) -> float:
+    """``lease_ttl`` as seconds, or InvalidRequestError: a shared backend's leases must outlive
+    a round trip, so less than half a second is refused."""
+    if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int | float) or not (
+        math.isfinite(lease_ttl) and lease_ttl >= 0.5
+    ):
+        raise InvalidRequestError(f"lease_ttl must be a number of seconds >= 0.5, "
+                                  f"got {lease_ttl!r}")
+    return float(lease_ttl)
 
 
 def utc_month(now: datetime) -> str:

@@ -46,6 +46,7 @@ from ._limits import (
     PermitWait,
     ReleaseSignal,
     Settlement,
+    checked_lease_ttl,
 )
 from ._validate import require_encodable
 
@@ -342,16 +343,12 @@ class RedisLimits:
         lease_ttl: float = 30.0,
         close_client: bool = True,
     ) -> None:
-        if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int | float) or not (
-            math.isfinite(lease_ttl) and lease_ttl >= 0.5
-        ):
-            raise InvalidRequestError(f"lease_ttl must be a number of seconds >= 0.5, "
-                                      f"got {lease_ttl!r}")
+        lease_ttl = checked_lease_ttl(lease_ttl)
         if namespace is not None and (not isinstance(namespace, str) or not namespace.strip()
                                       or any(c in namespace for c in "{} \n")):
             raise InvalidRequestError("namespace must be non-empty text without braces or "
                                       "spaces")
-        self.lease_ttl: float | None = float(lease_ttl)
+        self.lease_ttl: float | None = lease_ttl
         self.namespace = namespace
         self._redis = redis_client
         self._close_client = close_client
