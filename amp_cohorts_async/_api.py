@@ -7,8 +7,8 @@ its own and knows nothing of files, journals or progress events.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from ._body import Body
@@ -67,19 +67,24 @@ class Api:
         path = f"/api/5/cohorts/request/{path_segment(cohort_id)}"
         data = await self.sender.call_json(
             RequestKind.COHORT_REQUEST,
-            lambda: self.boundary.build("GET", path, params=export.query()),
+            lambda: self.boundary.build("GET", path, params=export.query(),
+                                        route="/api/5/cohorts/request/{cohort_id}"),
             what="request_cohort",
         )
         if isinstance(data, dict) and data.get("cohort_id") is None:
             data = {**data, "cohort_id": cohort_id}
         request = structure(data, CohortRequest, what="request_cohort")
+        self.sender.telemetry.quota_spent()
         self._request_cohorts[request.request_id] = cohort_id
         return request
 
     async def get_request_status(self, request_id: str) -> RequestStatus:
         path = f"/api/5/cohorts/request-status/{path_segment(request_id)}"
         data = await self.sender.call_json(
-            RequestKind.POLL, lambda: self.boundary.build("GET", path), what="get_request_status"
+            RequestKind.POLL,
+            lambda: self.boundary.build(
+                "GET", path, route="/api/5/cohorts/request-status/{request_id}"),
+            what="get_request_status",
         )
         return structure(data, RequestStatus, what="get_request_status")
 
@@ -90,6 +95,7 @@ class Api:
             what="get_usage",
         )
         usage = structure(data, Usage, what="get_usage")
+        self.sender.telemetry.quota_left(usage.remaining)
         await self.scheduler.record_usage(usage.usage, usage.resets_at)
         return usage
 
@@ -105,15 +111,19 @@ class Api:
         """
         path = f"/api/5/cohorts/request/{path_segment(request_id)}/file"
         return await self.sender.exchange(
-            RequestKind.FILE, lambda: self.boundary.build("GET", path, headers=headers),
+            RequestKind.FILE,
+            lambda: self.boundary.build("GET", path, headers=headers,
+                                        route="/api/5/cohorts/request/{request_id}/file"),
             lambda response: handle(self.boundary.body(response)),
         )
 
-    def open_presigned(
-        self, url: str, headers: Mapping[str, str]
-    ) -> AbstractAsyncContextManager[Body]:
+    @asynccontextmanager
+    async def open_presigned(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[Body]:
         """The presigned URL ``/file`` pointed to (no credentials, no permit: not Amplitude)."""
-        return self.boundary.open_presigned(url, headers)
+        with self.sender.telemetry.http("GET", url, None) as call:
+            async with self.boundary.open_presigned(url, headers) as body:
+                call.answered(body.status)
+                yield body
 
     async def upload(self, body: Mapping[str, Any], *, retried: bool = True) -> UploadWire:
         """POST /upload; ``retried=False``: ONE exchange, for a caller that decides itself

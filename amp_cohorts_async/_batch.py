@@ -174,16 +174,18 @@ async def export_one(
             cohort_id, target, export, progress, request=request, on_requested=record_request
         )
 
-    try:
-        result = await attempt(reusable)
-    except (NotFoundError, CohortJobError) as error:
-        if reusable is None:
-            raise
-        # The old export is gone, failed, or the journal named another cohort's (a
-        # ForeignRequestError is a CohortJobError): pay for one fresh export.
-        logger.warning("not reusing request %s for %s: %s", reusable.request_id, cohort_id,
-                       error)
-        result = await attempt(None)
+    # One export span for the cohort, a stale request and its fresh export included.
+    with downloader.telemetry.export(cohort_id):
+        try:
+            result = await attempt(reusable)
+        except (NotFoundError, CohortJobError) as error:
+            if reusable is None:
+                raise
+            # The old export is gone, failed, or the journal named another cohort's (a
+            # ForeignRequestError is a CohortJobError): pay for one fresh export.
+            logger.warning("not reusing request %s for %s: %s", reusable.request_id,
+                           cohort_id, error)
+            result = await attempt(None)
     written = await anyio.Path(result.path).stat()
     await store.update(key, cohort_id=cohort_id, copy_request_id=result.request_id,
                        file=result.path.name, size_bytes=result.size_bytes,

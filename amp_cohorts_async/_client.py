@@ -50,6 +50,7 @@ from ._models import (
 from ._scheduler import Scheduler
 from ._send import Sender
 from ._sync import sync_cohorts
+from ._telemetry import telemetry_for
 from ._upload import Uploader
 from ._validate import (
     export_options,
@@ -62,6 +63,8 @@ from ._validate import (
 
 if TYPE_CHECKING:  # annotations of the public signature only; httpx is used by _http.py
     import httpx
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ("CohortsClient",)
 
@@ -152,6 +155,10 @@ class CohortsClient:
             and tests.
         seed: seeds the random jitter of retries, polls and restarts after a pause, so a run
             can be reproduced; default: unseeded.
+        tracer_provider, meter_provider: where OpenTelemetry spans and metrics go (needs
+            ``opentelemetry-api``, extra ``otel``); default: the global providers, as they are
+            when the client is created. Without an SDK behind them nothing is recorded and
+            nothing is spent on telemetry.
     """
 
     def __init__(
@@ -170,6 +177,8 @@ class CohortsClient:
         download: DownloadPolicy | None = None,
         wall_clock: Callable[[], datetime] | None = None,
         seed: int | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         credentials = Credentials(
             _credential(api_key, "AMPLITUDE_API_KEY", "api_key"),
@@ -190,6 +199,7 @@ class CohortsClient:
             raise InvalidRequestError("wall_clock must be a callable returning a datetime")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidRequestError(f"seed must be an int or None, got {seed!r}")
+        self._telemetry = telemetry_for(tracer_provider, meter_provider)
         self.limits = limits or Limits()
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollPolicy()
@@ -211,8 +221,8 @@ class CohortsClient:
             rng=rng,
         )
         boundary = HttpBoundary(self._http, base, credentials, self.download, blocking)
-        self._api = Api(boundary, Sender(boundary, self._scheduler, self.retry, rng),
-                        self._scheduler)
+        sender = Sender(boundary, self._scheduler, self.retry, rng, telemetry=self._telemetry)
+        self._api = Api(boundary, sender, self._scheduler)
         # After a shared-state loss the scheduler re-reads the quota through the endpoint.
         self._scheduler.refresh_usage = self._api.get_usage
         self._downloader = Downloader(self._api, self._scheduler, self.poll, self.download, rng)
@@ -406,7 +416,8 @@ class CohortsClient:
         self._check_open()
         if target != pathlib.Path(os.fspath(dest)):  # dest named the directory
             await remove_leftovers(target.parent, started)
-        return await self._downloader.download_cohort(cohort_id, target, export, progress)
+        with self._telemetry.export(cohort_id):
+            return await self._downloader.download_cohort(cohort_id, target, export, progress)
 
     async def download_cohorts(
         self,
@@ -486,11 +497,14 @@ class CohortsClient:
             raise InvalidRequestError(f"keep_versions must be an int >= 1, got {keep_versions!r}")
         directory = await _dest_dir(dest_dir, create=not dry_run)
         self._check_open()
-        report = await sync_cohorts(
-            self._api, self._downloader, self._scheduler, [c for c in ids if c not in refused],
-            directory, export, callback,
-            max_requests=max_requests, dry_run=dry_run, keep_versions=keep_versions,
-        )
+        with self._telemetry.sync() as span:
+            report = await sync_cohorts(
+                self._api, self._downloader, self._scheduler,
+                [c for c in ids if c not in refused], directory, export, callback,
+                max_requests=max_requests, dry_run=dry_run, keep_versions=keep_versions,
+            )
+            span.set("amplitude.cohorts.count", len(ids))
+            span.set("amplitude.cohorts.requests_spent", report.requests_spent)
         if not refused:
             return report
         entries = {entry.cohort_id: entry for entry in report.entries}

@@ -15,6 +15,7 @@ from ._events import Progress
 from ._exceptions import AmplitudeError, CohortJobError
 from ._models import CohortRequest, DownloadResult, ExportOptions
 from ._scheduler import Scheduler
+from ._telemetry import Telemetry
 from ._transfer import fetch_file
 
 __all__ = ("Downloader", "ForeignRequestError")
@@ -39,6 +40,10 @@ class Downloader:
         self.download = download
         self.rng = rng
 
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.api.sender.telemetry
+
     async def download_cohort(
         self,
         cohort_id: str,
@@ -51,6 +56,7 @@ class Downloader:
     ) -> DownloadResult:
         """Export ``cohort_id`` to ``target`` (or finish the export ``request`` made earlier)."""
         api = self.api.observed(progress.on_wait)
+        telemetry = self.telemetry
         jobs = self.scheduler.jobs
         reused = request is not None
         try:
@@ -58,16 +64,21 @@ class Downloader:
                 await jobs.acquire()
             try:
                 if request is None:
-                    request = await api.request_cohort(cohort_id, export)
+                    with telemetry.phase("request"):
+                        request = await api.request_cohort(cohort_id, export)
                     if on_requested is not None:
                         # Amplitude accepted it: it is recorded even if the caller is being
                         # cancelled, so that a resume reuses it instead of paying again.
                         with anyio.CancelScope(shield=True):
                             await on_requested(request)
+                telemetry.note("amplitude.cohort.request_id", request.request_id)
                 progress.emit("requested")
-                await self.wait_for_job(api, request.request_id, cohort_id, progress,
-                                        reused=reused)
-                result = await fetch_file(api, self.download, request.request_id, target, progress)
+                with telemetry.phase("poll"):
+                    await self.wait_for_job(api, request.request_id, cohort_id, progress,
+                                            reused=reused)
+                with telemetry.phase("download"):
+                    result = await fetch_file(api, self.download, request.request_id, target,
+                                              progress)
             finally:
                 if jobs is not None:
                     jobs.release()

@@ -36,6 +36,7 @@ from ._s3_leg import BlockingGetter
 from ._status import parse_retry_after, status_error_from
 
 __all__ = (
+    "ROUTE",
     "Credentials",
     "HttpBoundary",
     "Request",
@@ -51,6 +52,8 @@ __all__ = (
 logger = logging.getLogger("amp_cohorts_async")
 
 QueryParams = Sequence[tuple[str, str]]
+# The request extension that names the request's route template (httpcore ignores it).
+ROUTE = "amp_cohorts_route"
 # The request and response types the layers above handle without importing httpx.
 Request = httpx.Request
 Response = httpx.Response
@@ -217,8 +220,13 @@ class HttpBoundary:
         params: QueryParams = (),
         json_body: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
+        route: str | None = None,
     ) -> httpx.Request:
-        """A request to ``path`` under the base URL (whose own path, if any, is a prefix)."""
+        """A request to ``path`` under the base URL (whose own path, if any, is a prefix).
+
+        ``route`` is the path's template (``/api/5/cohorts/request/{id}``) when it holds an id,
+        kept with the request for its telemetry span, whose name may carry no id.
+        """
         url = self.base_url.join(path.lstrip("/"))
         if params:
             url = url.copy_with(params=httpx.QueryParams(list(params)))
@@ -229,7 +237,8 @@ class HttpBoundary:
             content = json.dumps(json_body, separators=(",", ":")).encode()
             merged["Content-Type"] = "application/json"
         try:
-            return self.http.build_request(method, url, headers=merged, content=content)
+            return self.http.build_request(method, url, headers=merged, content=content,
+                                           extensions={ROUTE: route or path})
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
             raise InvalidRequestError(f"cannot build the request: {redact(str(exc))}") from None
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 
-__all__ = ("install_log_redaction", "redact", "redact_url")
+__all__ = ("install_log_redaction", "redact", "redact_query_values", "redact_url")
 
 _QUERY = re.compile(r"""(?P<base>https?://[^\s"'<>?]+)\?[^\s"'<>]*""")
 _BASIC = re.compile(r"(?i)(basic|bearer)(\s+|'?,\s*b?')[A-Za-z0-9+/=._-]{8,}")
@@ -34,6 +35,25 @@ def redact_url(url: object) -> str:
     text = str(url)
     head, sep, _query = text.partition("?")
     return f"{head}?[redacted]" if sep else head
+
+
+def redact_query_values(url: str) -> str:
+    """The URL with every query value (and any user:password) replaced by ``REDACTED``.
+
+    The query's keys stay, as OpenTelemetry's ``url.full`` convention asks; every value goes,
+    not only the known credentials (``X-Amz-Signature``, ``X-Amz-Credential``,
+    ``X-Amz-Security-Token``...): a new name for a credential must not leak either.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # not a URL one can take apart: keep none of its query
+        return redact_url(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "REDACTED:REDACTED@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{field.partition('=')[0]}=REDACTED" if field else field
+                     for field in parts.query.split("&")) if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def redact(text: str) -> str:

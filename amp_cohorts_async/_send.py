@@ -21,9 +21,10 @@ import attrs
 
 from ._config import RetryPolicy
 from ._exceptions import AmplitudeError, RateLimitError, TransportError
-from ._http import HttpBoundary, Request, Response, parse_json
+from ._http import ROUTE, HttpBoundary, Request, Response, parse_json
 from ._retry import decide
 from ._scheduler import Outcome, RequestKind, Scheduler, WaitCallback
+from ._telemetry import OFF, Telemetry
 
 __all__ = ("SendCount", "Sender")
 
@@ -43,7 +44,8 @@ class Sender:
     """Sends requests to the Amplitude host under the limits, retrying as the policy says.
 
     ``on_wait`` (see ``observed``) hears every wait the request goes through: the limits, a
-    shared pause after a 429, a backoff before a retry.
+    shared pause after a 429, a backoff before a retry. ``telemetry`` hears them too, and
+    each request and its answer.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class Sender:
         rng: random.Random,
         on_wait: WaitCallback | None = None,
         count: SendCount | None = None,
+        telemetry: Telemetry = OFF,
     ) -> None:
         self.boundary = boundary
         self.scheduler = scheduler
@@ -61,14 +64,17 @@ class Sender:
         self.rng = rng
         self.on_wait = on_wait
         self.count = count
+        self.telemetry = telemetry
 
     def observed(self, on_wait: WaitCallback | None) -> Sender:
         """The same sender, telling ``on_wait`` how long each wait will be."""
-        return Sender(self.boundary, self.scheduler, self.retry, self.rng, on_wait, self.count)
+        return Sender(self.boundary, self.scheduler, self.retry, self.rng, on_wait, self.count,
+                      self.telemetry)
 
     def counted(self, count: SendCount) -> Sender:
         """The same sender, adding each request that leaves this machine to ``count``."""
-        return Sender(self.boundary, self.scheduler, self.retry, self.rng, self.on_wait, count)
+        return Sender(self.boundary, self.scheduler, self.retry, self.rng, self.on_wait, count,
+                      self.telemetry)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]], *, what: str) -> T:
         """Run ``attempt`` until it succeeds or the policy gives up; the only retry loop.
@@ -79,24 +85,26 @@ class Sender:
         and its retry spends another unit, so the local count never under-states Amplitude's.
         """
         number = 0
-        while True:
-            number += 1
-            try:
-                return await attempt()
-            except AmplitudeError as error:
-                delay = decide(error, number, self.retry, self.rng)
-                if delay is None:
-                    error.attempts = number
-                    raise
-                logger.info(
-                    "retrying %s in %.2fs after attempt %d: %s", what, delay, number, error
-                )
-                if isinstance(error, RateLimitError):
-                    await self.scheduler.pause(delay)  # one shared pause: everyone waits
-                elif delay > 0:
-                    if self.on_wait is not None:
-                        self.on_wait(delay, "retry")
-                    await anyio.sleep(delay)
+        with self.telemetry.call():
+            while True:
+                number += 1
+                try:
+                    return await attempt()
+                except AmplitudeError as error:
+                    delay = decide(error, number, self.retry, self.rng)
+                    if delay is None:
+                        error.attempts = number
+                        raise
+                    logger.info(
+                        "retrying %s in %.2fs after attempt %d: %s", what, delay, number, error
+                    )
+                    if isinstance(error, RateLimitError):
+                        await self.scheduler.pause(delay)  # one shared pause: everyone waits
+                    elif delay > 0:
+                        if self.on_wait is not None:
+                            self.on_wait(delay, "retry")
+                        with self.telemetry.waiting("retry"):
+                            await anyio.sleep(delay)
 
     async def exchange(
         self,
@@ -106,29 +114,35 @@ class Sender:
     ) -> T:
         """One exchange under a permit: ``handle`` reads a 2xx/3xx response; errors raise."""
         request = build()  # before the permit: a request that cannot be built costs nothing
-        async with self.scheduler.exchange(kind, on_wait=self.on_wait) as ticket:
-            try:
-                response = await self.boundary.send(request)
-            except TransportError as error:
-                ticket.outcome = Outcome.NOT_SENT if error.never_sent else Outcome.UNKNOWN
-                if not error.never_sent and self.count is not None:
-                    self.count.sent += 1
-                raise
-            if self.count is not None:
-                self.count.sent += 1
-            code = response.status_code
-            if code < 400:
-                outcome = Outcome.ACCEPTED
-            elif code < 500:
-                outcome = Outcome.REFUSED
-            else:
-                outcome = Outcome.UNKNOWN
-            ticket.answered(anyio.current_time(), outcome)
-            try:
-                await self.boundary.raise_for_status(response)
-                return await handle(response)
-            finally:
-                await response.aclose()
+        with self.telemetry.waits(self.on_wait) as waits:
+            async with self.scheduler.exchange(kind, on_wait=waits.on_wait) as ticket:
+                waits.over()
+                with self.telemetry.http(request.method, request.url,
+                                         request.extensions.get(ROUTE)) as call:
+                    try:
+                        response = await self.boundary.send(request)
+                    except TransportError as error:
+                        ticket.outcome = (Outcome.NOT_SENT if error.never_sent
+                                          else Outcome.UNKNOWN)
+                        if not error.never_sent and self.count is not None:
+                            self.count.sent += 1
+                        raise
+                    if self.count is not None:
+                        self.count.sent += 1
+                    code = response.status_code
+                    call.answered(code)
+                    if code < 400:
+                        outcome = Outcome.ACCEPTED
+                    elif code < 500:
+                        outcome = Outcome.REFUSED
+                    else:
+                        outcome = Outcome.UNKNOWN
+                    ticket.answered(anyio.current_time(), outcome)
+                    try:
+                        await self.boundary.raise_for_status(response)
+                        return await handle(response)
+                    finally:
+                        await response.aclose()
 
     async def call(
         self,

@@ -116,6 +116,19 @@ def test_httpx_is_imported_only_by_the_boundary() -> None:
             assert allowed, f"{name} imports httpx; only {sorted(HTTPX_MODULES)} may"
 
 
+def test_opentelemetry_is_imported_only_by_the_telemetry_module() -> None:
+    for name, tree in library_modules().items():
+        for target, typing_only, deferred in imports(name, tree):
+            if target.split(".")[0] != "opentelemetry":
+                continue
+            if name == "amp_cohorts_async._telemetry":
+                # Lazily: importing the library never imports opentelemetry.
+                assert typing_only or deferred, f"{name} imports {target} at import time"
+            else:
+                assert typing_only and name == "amp_cohorts_async._client", (
+                    f"{name} imports {target}; only amp_cohorts_async._telemetry may")
+
+
 def test_nothing_below_the_client_knows_the_client() -> None:
     for name, tree in library_modules().items():
         if name == "amp_cohorts_async" or name.startswith(ABOVE_THE_CLIENT):
