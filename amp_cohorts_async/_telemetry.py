@@ -29,6 +29,7 @@ query) and error texts through ``redact``; exceptions are recorded with redacted
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import traceback
 from collections.abc import Callable
@@ -271,7 +272,11 @@ class _Otel(Telemetry):
 
 def error_type(error: BaseException) -> str:
     """A low-cardinality name for ``error``: its class, or ``cancelled``."""
-    if isinstance(error, anyio.get_cancelled_exc_class()):
+    try:
+        cancelled = anyio.get_cancelled_exc_class()
+    except RuntimeError:  # no event loop: outside the library's own calls
+        cancelled = asyncio.CancelledError
+    if isinstance(error, cancelled):
         return "cancelled"
     return type(error).__name__
 

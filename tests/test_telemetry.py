@@ -361,3 +361,18 @@ def test_providers_that_are_not_providers_are_refused() -> None:
         amp.CohortsClient(API_KEY, SECRET, tracer_provider=object())  # type: ignore[arg-type]
     with pytest.raises(amp.InvalidRequestError, match="meter_provider"):
         amp.CohortsClient(API_KEY, SECRET, meter_provider="x")  # type: ignore[arg-type]
+
+
+def test_an_error_text_carrying_a_presigned_url_is_recorded_redacted(otel: Otel) -> None:
+    # The library's own errors are redacted where they are made; this is the second guard,
+    # for an error from anywhere else (a bug, a library below) that carries a credential.
+    telemetry = telemetry_for(otel.tracer_provider, otel.meter_provider)
+    leaked = "https://b.s3.amazonaws.com/x.csv?X-Amz-Signature=SIGSIGSIG&X-Amz-Credential=AKIAX"
+    with pytest.raises(RuntimeError, match="failed;"), telemetry.export("c1"):
+        raise RuntimeError(f"GET {leaked} failed; Authorization: Basic {TOKEN}")
+    (span,) = otel.spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert [event.name for event in span.events] == ["exception"]
+    for text in everything_exported(otel):
+        for secret in ("SIGSIGSIG", "AKIAX", TOKEN):
+            assert secret not in text
