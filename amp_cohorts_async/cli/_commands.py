@@ -25,6 +25,7 @@ from .._store import DirectoryStore, Plan
 from .._validate import export_options, require_id
 from ._live import ProgressView
 from ._output import is_tty, plural, print_json, report, summary, sync_summary
+from ._sync_diff import diff_downloads
 
 __all__ = ("COMMANDS", "EMPTY_UPLOAD", "limits_backend", "read_ids", "run_diff")
 
@@ -261,6 +262,9 @@ RUNS_A_MONTH = {"1d": 30, "1h": 720}
 async def cmd_sync(client: CohortsClient, args: argparse.Namespace, out: IO[str]) -> int:
     if args.every and not args.dry_run:
         raise InvalidRequestError("--every projects a dry run's cost: add --dry-run")
+    if args.diff and args.keep_versions == 1:
+        raise InvalidRequestError("--diff compares each new copy with the version before it: "
+                                  "keep it with --keep-versions 2 or more")
     if args.all:
         if args.cohort_ids:
             raise InvalidRequestError("pass cohort ids or --all, not both")
@@ -278,7 +282,8 @@ async def cmd_sync(client: CohortsClient, args: argparse.Namespace, out: IO[str]
             prop_keys=tuple(args.prop_key), max_requests=args.max_requests,
             dry_run=args.dry_run, keep_versions=args.keep_versions, on_progress=view,
         )
-    sync_summary(report, time.monotonic() - started, out, args.json)
+    diffs = await diff_downloads(report) if args.diff else None
+    sync_summary(report, time.monotonic() - started, out, args.json, diffs)
     if args.dry_run and not args.json:
         needed = report.count("planned") + report.count("over_budget")
         info.write(f"dry run: {plural(report.count('planned'), 'cohort request')} would be "
@@ -292,7 +297,10 @@ async def cmd_sync(client: CohortsClient, args: argparse.Namespace, out: IO[str]
     errors = [e.error for e in report.entries if e.error is not None]
     if errors:
         return 4 if all(isinstance(e, NotFoundError) for e in errors) else 1
-    return 4 if report.count("missing") else 0
+    if report.count("missing"):
+        return 4
+    # The copies are in place; a diff that could not be written is still a failed run.
+    return 1 if diffs and any(d.error is not None for d in diffs.values()) else 0
 
 
 def _left(quota_remaining: int | None) -> str:

@@ -24,7 +24,9 @@ EXAMPLES: dict[str, str] = {
     "fetch": "amp-cohorts fetch 0123456789abcdef01234567 -o abc123.csv",
     "demo": "amp-cohorts demo -o /tmp/amp-demo",
     "sync": "amp-cohorts sync exports/ --all --max-requests 20\n"
-            "  amp-cohorts sync exports/ abc123 def456 --dry-run --every 1d",
+            "  amp-cohorts sync exports/ abc123 def456 --dry-run --every 1d\n"
+            "  amp-cohorts sync exports/ abc123 --diff   # exports/abc123.diff/entering.csv, "
+            "exiting.csv",
     "mirror": "amp-cohorts mirror abc123 mirror-state/ --app-id 654321 --owner me@corp.example"
               "\n  (with AMPLITUDE_TARGET_API_KEY and AMPLITUDE_TARGET_SECRET_KEY set)",
     "diff": "amp-cohorts diff exports/abc123.1.csv exports/abc123.csv changes/ --key user_id",

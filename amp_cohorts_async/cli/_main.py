@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request nothing; show what a run would do and spend")
     p.add_argument("--every", choices=["1d", "1h"],
                    help="with --dry-run: project the month's cost of syncing this often")
+    p.add_argument("--diff", action="store_true",
+                   help="write who entered and who left beside each downloaded copy "
+                        "(DIR/ID.diff/entering.csv, exiting.csv) and count them in the table")
     p.add_argument("--poll-interval", type=float, default=2.0, metavar="SECONDS",
                    help="first wait before polling an export's status (grows to 30 s)")
 

@@ -13,6 +13,7 @@ import attrs
 
 from .._exceptions import AmplitudeError
 from .._models import CohortOutcome, SyncEntry, SyncReport
+from ._sync_diff import SyncDiff
 
 __all__ = ("error_object", "human_bytes", "is_tty", "print_json", "report", "summary",
            "sync_summary")
@@ -132,8 +133,9 @@ async def summary(outcomes: list[CohortOutcome], started: float, out: IO[str],
 
 
 
-def _sync_row(entry: SyncEntry) -> tuple[str, str, str, str, str]:
-    """cohort, action (or the error), last computed, members, size."""
+def _sync_row(entry: SyncEntry, diffs: dict[str, SyncDiff] | None) -> tuple[str, ...]:
+    """cohort, action (or the error), last computed, members, size; with ``diffs``: entering
+    and exiting (or why the diff failed)."""
     computed = "" if entry.last_computed is None else entry.last_computed.isoformat(
         timespec="minutes")
     result = entry.result
@@ -144,30 +146,58 @@ def _sync_row(entry: SyncEntry) -> tuple[str, str, str, str, str]:
     elif entry.path is not None and entry.path.exists():
         size = human_bytes(entry.path.stat().st_size)
     action = entry.action if entry.error is None else f"failed: {entry.error}"
-    return entry.cohort_id, action, computed, members, size
+    row: tuple[str, ...] = (entry.cohort_id, action, computed, members, size)
+    if diffs is None:
+        return row
+    done = diffs.get(entry.cohort_id)
+    if done is None:
+        return (*row, "", "")
+    if done.diff is None:
+        return (*row, f"diff failed: {done.error}", "")
+    return (*row, f"{done.diff.entering:,}", f"{done.diff.exiting:,}")
 
 
-def sync_summary(report: SyncReport, elapsed: float, out: IO[str], as_json: bool) -> None:
-    """The closing table of a sync (cohort, action, last computed, members, size), ending
-    with the quota spent and left."""
+def _sync_json(report: SyncReport, diffs: dict[str, SyncDiff]) -> dict[str, Any]:
+    """The report as JSON, each entry with its ``diff``: the MembershipDiff, ``{"error": ...}``,
+    or null when nothing was downloaded."""
+    data: dict[str, Any] = _jsonable(report)
+    for entry in data["entries"]:
+        done = diffs.get(entry["cohort_id"])
+        entry["diff"] = (None if done is None else _jsonable(done.diff) if done.error is None
+                         else {"error": _jsonable(done.error)})
+    return data
+
+
+def sync_summary(report: SyncReport, elapsed: float, out: IO[str], as_json: bool,
+                 diffs: dict[str, SyncDiff] | None = None) -> None:
+    """The closing table of a sync (cohort, action, last computed, members, size; with
+    ``diffs`` entering and exiting), ending with the quota spent and left."""
     if as_json:
-        print_json(report, out)
+        print_json(report if diffs is None else _sync_json(report, diffs), out)
         return
     left = ("" if report.quota_remaining is None
             else f", {report.quota_remaining:,} left this month")
     footer = (f"{plural(len(report.entries), 'cohort')} in {elapsed:.1f}s: "
               f"{plural(report.requests_spent, 'cohort request')} spent{left}")
-    rows = [_sync_row(entry) for entry in report.entries]
+    rows = [_sync_row(entry, diffs) for entry in report.entries]
+    columns = ["cohort", "action", "last computed", "members", "size"]
+    if diffs is not None:
+        columns += ["entering", "exiting"]
     if is_tty(out):
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("cohort", "action", "last computed", "members", "size", caption=footer)
+        table = Table(*columns, caption=footer)
         for row in rows:
             table.add_row(*row)
         Console(file=out).print(table)
-        return
-    out.write("cohort\taction\tlast computed\tmembers\tsize\n")
-    for row in rows:
-        out.write("\t".join(value or "-" for value in row) + "\n")
-    out.write(footer + "\n")
+    else:
+        out.write("\t".join(columns) + "\n")
+        for row in rows:
+            out.write("\t".join(value or "-" for value in row) + "\n")
+        out.write(footer + "\n")
+    for entry in report.entries:
+        done = (diffs or {}).get(entry.cohort_id)
+        if done is not None and done.diff is not None and entry.previous_path is None:
+            out.write(f"{entry.cohort_id}: no earlier version to compare with; every member "
+                      f"counts as entering\n")
