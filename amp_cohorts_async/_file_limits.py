@@ -256,7 +256,7 @@ class FileLimits:
         connection = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None,
                                      check_same_thread=False)
         try:
-            connection.execute("PRAGMA journal_mode = WAL")
+            _enter_wal_mode(connection)
             # In WAL mode NORMAL survives a killed process; only a power cut may lose the
             # last transactions, which costs at worst a 429.
             connection.execute("PRAGMA synchronous = NORMAL")
@@ -287,6 +287,7 @@ class FileLimits:
             connection.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
             connection.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             connection.execute("INSERT INTO meta VALUES ('app', ?)", (self._app,))
+            connection.execute(_WRITERS)
             return
         if application_id != _APPLICATION_ID:
             raise sqlite3.DatabaseError("not a limits database")
@@ -302,6 +303,9 @@ class FileLimits:
                 f"the shared limits file {self._path} holds another app's limits; give each "
                 f"app its own file"
             )
+        # Once at open rather than in every lease operation: DDL in the hot path would change
+        # the schema under the other processes' cached statements each time a file is new.
+        connection.execute(_WRITERS)
 
     def _expire_leases(self, db: sqlite3.Connection, now: float) -> None:
         db.execute("DELETE FROM slots WHERE expires <= ?", (now,))
@@ -459,7 +463,6 @@ class FileLimits:
         token = secrets.token_hex(8)
 
         def take(db: sqlite3.Connection, now: float) -> bool:
-            db.execute(_WRITERS)
             db.execute("DELETE FROM writers WHERE cohort = ? AND expires <= ?", (cohort_id, now))
             return db.execute("INSERT OR IGNORE INTO writers VALUES (?, ?, ?)",
                               (cohort_id, token, now + self._ttl())).rowcount == 1
@@ -468,7 +471,6 @@ class FileLimits:
 
     async def renew_write(self, cohort_id: str, token: str) -> bool:
         def extend(db: sqlite3.Connection, now: float) -> bool:
-            db.execute(_WRITERS)
             return db.execute(
                 "UPDATE writers SET expires = ? WHERE cohort = ? AND token = ? AND expires > ?",
                 (now + self._ttl(), cohort_id, token, now)).rowcount == 1
@@ -477,16 +479,35 @@ class FileLimits:
 
     async def release_write(self, cohort_id: str, token: str) -> None:
         def give_back(db: sqlite3.Connection, now: float) -> None:
-            db.execute(_WRITERS)
             db.execute("DELETE FROM writers WHERE cohort = ? AND token = ?", (cohort_id, token))
 
         await self._run(give_back)
         self._released.fire()
 
 
-# Created on first use, so a file made before write leases existed needs no new format.
+# Created at open when missing, so a file made before write leases existed needs no new format.
 _WRITERS = ("CREATE TABLE IF NOT EXISTS writers (cohort TEXT PRIMARY KEY, token TEXT NOT NULL, "
             "expires REAL NOT NULL) WITHOUT ROWID")
+
+
+def _enter_wal_mode(connection: sqlite3.Connection) -> None:
+    """Switch a new file to WAL, waiting for the other processes that open it at once.
+
+    Two connections that each hold the shared lock of a new rollback-mode file both need the
+    exclusive lock to switch it; SQLite answers one of them "database is locked" at once,
+    without its busy handler (waiting could deadlock). Once one has switched, the file stays
+    WAL and the others' switch is a no-op, so a short jittered retry always ends.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY or (
+                    time.monotonic() >= deadline):
+                raise
+        time.sleep(0.005 + secrets.randbelow(20) / 1000)
 
 
 def _count(db: sqlite3.Connection, table: str) -> int:

@@ -148,6 +148,8 @@ async def run_worker(warehouse: Warehouse, kill_at: str) -> int:
                str(warehouse.directory / "limits.sqlite3"), kill_at]
     done = await anyio.run_process(command, env=env, check=False,
                                    cwd=pathlib.Path(__file__).parent.parent)
+    if done.returncode not in (0, -signal.SIGKILL):  # say why, not only that it failed
+        pytest.fail(f"the worker exited {done.returncode}:\n{done.stderr.decode()[-4000:]}")
     return done.returncode
 
 

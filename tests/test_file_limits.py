@@ -159,6 +159,55 @@ async def test_a_file_of_another_app_is_refused(tmp_path: pathlib.Path) -> None:
         await use(amp.FileLimits(path), app="two")
 
 
+async def test_a_new_file_another_process_is_writing_is_waited_for(
+    tmp_path: pathlib.Path,
+) -> None:
+    """SQLite answers a switch to WAL "database is locked" at once, without its busy wait,
+    while another connection writes the new, still empty file (two processes that start
+    together). FileLimits waits its turn instead of failing."""
+    path = tmp_path / "limits.sqlite3"
+    path.touch()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    limits = amp.FileLimits(path)
+
+    async def finish_the_other_write() -> None:
+        await anyio.sleep(0.2)
+        other.execute("COMMIT")
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(finish_the_other_write)
+            await use(limits)
+    finally:
+        other.close()
+    assert quota_rows_of_a_wal_file(path) == 0
+
+
+def quota_rows_of_a_wal_file(path: pathlib.Path) -> int:
+    with sqlite3.connect(path) as db:
+        mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+        used = db.execute("SELECT count(*) FROM quota").fetchone()[0]
+    db.close()
+    assert mode == "wal"
+    return int(used)
+
+
+async def test_a_file_made_before_write_leases_gains_them(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "limits.sqlite3"
+    await use(amp.FileLimits(path))
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE writers")
+    db.close()
+    limits = amp.FileLimits(path)
+    limits.bind(amp.Limits(), "app")
+    async with limits:
+        token = await limits.acquire_write("c1")
+        assert token is not None
+        assert await limits.acquire_write("c1") is None
+        await limits.release_write("c1", token)
+
+
 async def test_a_path_that_is_not_a_regular_file(tmp_path: pathlib.Path) -> None:
     with pytest.raises(amp.InvalidRequestError, match="not a regular file"):
         amp.FileLimits(tmp_path)  # a directory
