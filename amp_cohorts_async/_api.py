@@ -15,8 +15,8 @@ from ._body import Body
 from ._convert import CohortList, MembershipWire, UploadWire, structure
 from ._http import HttpBoundary
 from ._models import Cohort, CohortRequest, ExportOptions, RequestStatus, Usage
-from ._scheduler import RequestKind, Scheduler, WaitCallback
-from ._send import SendCount, Sender
+from ._scheduler import RequestKind, Scheduler
+from ._send import SendCount, Sender, SendObserver
 from ._validate import path_segment
 
 __all__ = ("Api",)
@@ -40,9 +40,10 @@ class Api:
         # Which cohort each request id we started belongs to, for DownloadResult.cohort_id.
         self._request_cohorts = {} if request_cohorts is None else request_cohorts
 
-    def observed(self, on_wait: WaitCallback | None) -> Api:
-        """The same endpoints, reporting every wait to ``on_wait`` (a progress observer)."""
-        return Api(self.boundary, self.sender.observed(on_wait), self.scheduler,
+    def observed(self, observer: SendObserver | None) -> Api:
+        """The same endpoints, telling ``observer`` (a cohort's ``Progress``) every attempt,
+        retry and wait of their requests."""
+        return Api(self.boundary, self.sender.observed(observer), self.scheduler,
                    self._request_cohorts)
 
     def counted(self, count: SendCount) -> Api:

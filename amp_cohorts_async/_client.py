@@ -33,6 +33,7 @@ from ._exceptions import InvalidRequestError, NotFoundError
 from ._files import make_directory, remove_leftovers, resolve_target
 from ._http import Credentials, HttpBoundary, http_client_for
 from ._limits import LimitsBackend
+from ._logs import configure_from_env
 from ._models import (
     Cohort,
     CohortOutcome,
@@ -180,6 +181,7 @@ class CohortsClient:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
+        configure_from_env()  # AMP_COHORTS_LOG=info|debug: lines on stderr without code
         credentials = Credentials(
             _credential(api_key, "AMPLITUDE_API_KEY", "api_key"),
             _credential(secret_key, "AMPLITUDE_SECRET_KEY", "secret_key"),

@@ -8,6 +8,7 @@ import re
 from collections.abc import Awaitable, Callable
 
 import anyio
+import attrs
 
 from ._api import Api
 from ._config import DownloadPolicy, PollPolicy
@@ -55,10 +56,11 @@ class Downloader:
         on_requested: Callable[[CohortRequest], Awaitable[None]] | None = None,
     ) -> DownloadResult:
         """Export ``cohort_id`` to ``target`` (or finish the export ``request`` made earlier)."""
-        api = self.api.observed(progress.on_wait)
+        api = self.api.observed(progress)
         telemetry = self.telemetry
         jobs = self.scheduler.jobs
         reused = request is not None
+        progress.started()
         try:
             if jobs is not None:
                 await jobs.acquire()
@@ -72,10 +74,11 @@ class Downloader:
                         with anyio.CancelScope(shield=True):
                             await on_requested(request)
                 telemetry.note("amplitude.cohort.request_id", request.request_id)
-                progress.emit("requested")
+                progress.requested(request.request_id, reused=reused)
                 with telemetry.phase("poll"):
                     await self.wait_for_job(api, request.request_id, cohort_id, progress,
                                             reused=reused)
+                progress.ready()
                 with telemetry.phase("download"):
                     result = await fetch_file(api, self.download, request.request_id, target,
                                               progress)
@@ -85,11 +88,9 @@ class Downloader:
         except BaseException as error:
             if not isinstance(error, anyio.get_cancelled_exc_class()):
                 # A cancelled download did not fail: it was stopped.
-                progress.emit("failed",
-                              error=error if isinstance(error, AmplitudeError) else None)
+                progress.failed(error)
             raise
-        progress.emit("done", bytes_done=result.size_bytes, bytes_total=result.size_bytes)
-        return result
+        return _reported(result, progress)
 
     async def wait_for_job(
         self, api: Api, request_id: str, cohort_id: str, progress: Progress, *, reused: bool
@@ -111,7 +112,7 @@ class Downloader:
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - anyio.current_time()))
             await anyio.sleep(delay)
-            progress.emit("polling")
+            progress.polled()
             status = await api.get_request_status(request_id)
             if status.cohort_id != cohort_id and (status.cohort_id is not None or reused):
                 raise ForeignRequestError(
@@ -131,5 +132,21 @@ class Downloader:
 
     async def download_file(self, request_id: str, target: pathlib.Path) -> DownloadResult:
         """The file of an export request made earlier (by anyone) to ``target``."""
-        return await fetch_file(self.api, self.download, request_id, target,
-                                Progress(None, self.api.cohort_of(request_id)))
+        progress = Progress(None, self.api.cohort_of(request_id))
+        progress.started()
+        progress.request_id = request_id
+        try:
+            result = await fetch_file(self.api.observed(progress), self.download, request_id,
+                                      target, progress)
+        except AmplitudeError as error:
+            progress.failed(error)
+            raise
+        return _reported(result, progress)
+
+
+def _reported(result: DownloadResult, progress: Progress) -> DownloadResult:
+    """``result`` with what its export went through; the "downloaded" line and event."""
+    result = attrs.evolve(result, attempts=progress.attempts, retries=progress.retries,
+                          waited=dict(progress.waits))
+    progress.downloaded(result)
+    return result

@@ -30,6 +30,7 @@ from ._exceptions import (
     ResponseValidationError,
     TransportError,
 )
+from ._logs import install_httpx_quieting, library_request
 from ._redact import install_log_redaction, redact, redact_url
 from ._redirects import check_download_url, resolve_download_host
 from ._s3_leg import BlockingGetter
@@ -201,6 +202,7 @@ class HttpBoundary:
         blocking: BlockingGetter | None = None,
     ) -> None:
         install_log_redaction()
+        install_httpx_quieting()
         self.http = http
         #: Opens presigned URLs from a worker thread (the fast S3 leg), or None: async only.
         self.blocking = blocking
@@ -244,15 +246,22 @@ class HttpBoundary:
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Send to the Amplitude origin; the response body is left unread (caller closes it)."""
-        logger.debug("%s %s", request.method, redact_url(request.url))
+        started = anyio.current_time()
         try:
-            # auth=None: our Authorization header stands, whatever auth a borrowed client has.
-            return await self.http.send(request, stream=True, follow_redirects=False, auth=None)
+            with library_request():
+                # auth=None: our Authorization header stands, whatever auth a borrowed
+                # client has.
+                response = await self.http.send(request, stream=True, follow_redirects=False,
+                                                auth=None)
         except httpx.HTTPError as exc:
-            raise translate_transport_error(exc, request) from None
+            error = translate_transport_error(exc, request)
+            _log_exchange(request, started, error=error)
+            raise error from None
         except httpx.InvalidURL as exc:
             # httpx parses a redirect's Location even when it does not follow it.
             raise DownloadError(f"unusable redirect Location: {redact(str(exc))}") from None
+        _log_exchange(request, started, response=response)
+        return response
 
     def body(self, response: httpx.Response) -> StreamedBody:
         """An answer of Amplitude's (``/file``) as a ``Body`` the transfer reads."""
@@ -275,7 +284,10 @@ class HttpBoundary:
         if self.blocking is not None:
             direct = not self.blocking.proxied(url)
             address = await self._resolve(url) if direct else None
+            started = anyio.current_time()
             async with self.blocking.opened(url, headers, address) as threaded:
+                _log_answer("GET", redact_url(url), started, threaded.status,
+                            threaded.headers.get("location"))
                 yield threaded
             return
         address = await self._resolve(url) if self._direct(url) else None
@@ -317,11 +329,17 @@ class HttpBoundary:
             request.url = named.copy_with(host=address)
             request.headers["Host"] = named.netloc.decode("ascii")
             request.extensions["sni_hostname"] = named.host
-        logger.debug("GET %s", redact_url(request.url))
+        started = anyio.current_time()
         try:
-            return await self.http.send(request, stream=True, follow_redirects=False, auth=None)
+            with library_request():
+                response = await self.http.send(request, stream=True, follow_redirects=False,
+                                                auth=None)
         except httpx.HTTPError as exc:
-            raise translate_transport_error(exc, request) from None
+            error = translate_transport_error(exc, request)
+            _log_exchange(request, started, error=error)
+            raise error from None
+        _log_exchange(request, started, response=response)
+        return response
 
     async def read(self, response: httpx.Response) -> bytes:
         try:
@@ -338,6 +356,35 @@ class HttpBoundary:
         except httpx.HTTPError:
             body = b""
         raise status_error(response, body)
+
+
+def _log_exchange(request: httpx.Request, started: float, *,
+                  response: httpx.Response | None = None,
+                  error: TransportError | None = None) -> None:
+    """One DEBUG line per exchange (its answer's headers are in): method, URL without its
+    query, status or error, seconds; a redirect's Location likewise without its query."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    url = redact_url(request.url)
+    if response is not None:
+        _log_answer(request.method, url, started, response.status_code,
+                    response.headers.get("Location"))
+        return
+    seconds = round(anyio.current_time() - started, 3)
+    logger.debug("%s %s -> %s", request.method, url, type(error).__name__,
+                 extra={"event": "http", "method": request.method, "url": url,
+                        "error_type": type(error).__name__, "seconds": seconds})
+
+
+def _log_answer(method: str, url: str, started: float, status: int,
+                location: str | None) -> None:
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    seconds = round(anyio.current_time() - started, 3)
+    logger.debug("%s %s -> %d in %.3fs", method, url, status, seconds,
+                 extra={"event": "http", "method": method, "url": url, "status_code": status,
+                        "seconds": seconds,
+                        "location": None if location is None else redact_url(location)})
 
 
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -145,6 +145,14 @@ class DownloadResult:
     ``members`` is counted as the file was written (rows after the header) when the client's
     ``DownloadPolicy(count_members=True)`` asks for it; ``None`` otherwise, and when the file
     was not written by this call (kept from an earlier batch).
+
+    What the export went through, for a caller to report without telemetry: ``attempts``,
+    the tries of all its requests (the cohort request, each status poll, the file; a try of
+    the file includes the S3 transfer it leads to), ``retries`` how many of those were
+    retries, and ``waited`` the seconds spent held, by reason: ``"limits"`` (the rate
+    windows, the concurrency limit), ``"amplitude"`` (the pause after a 429) and ``"retry"``
+    (backoff before a retry). All zero and empty when this call made no request (a file
+    kept from an earlier batch).
     """
 
     cohort_id: str | None
@@ -153,6 +161,9 @@ class DownloadResult:
     size_bytes: int
     sha256: str
     members: int | None = None
+    attempts: int = 0
+    retries: int = 0
+    waited: Mapping[str, float] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -291,6 +302,9 @@ class SyncEntry:
     list's; ``path`` the current verified copy after the run, whatever the action (None when
     there is none); ``previous_path`` the version this run's download replaced;
     ``result`` the download (``downloaded``) or the copy found in place (``unchanged``).
+    ``attempts``, ``retries`` and ``waited`` say what this run's export went through (as on
+    ``DownloadResult``), for ``downloaded`` and ``failed`` entries alike; zero and empty when
+    the run made no request for the cohort.
     """
 
     cohort_id: str
@@ -300,6 +314,9 @@ class SyncEntry:
     previous_path: pathlib.Path | None = None
     result: DownloadResult | None = None
     error: AmplitudeError | None = None
+    attempts: int = 0
+    retries: int = 0
+    waited: Mapping[str, float] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)

@@ -91,6 +91,9 @@ class Ticket:
 
     outcome: Outcome = Outcome.NOT_SENT
     answered_at: float | None = None
+    #: Seconds the exchange was held before it could be sent, by why: ``"limits"`` (the
+    #: gate, the rate windows, the slots) and ``"amplitude"`` (the shared pause after a 429).
+    held: dict[WaitReason, float] = attrs.field(factory=dict)
 
     def answered(self, at: float, outcome: Outcome) -> None:
         self.answered_at = at
@@ -248,7 +251,9 @@ class Scheduler:
             self.paused_until = until
         await self._call(self.backend.pause(seconds))
 
-    async def _sleep_out_pause(self, remaining: float, on_wait: WaitCallback | None) -> None:
+    async def _sleep_out_pause(self, remaining: float, on_wait: WaitCallback | None) -> float:
+        """Sleep until the shared pause is over; returns the seconds slept."""
+        started = anyio.current_time()
         # Spread the restart a little so a crowd does not hit the server at one instant.
         end = anyio.current_time() + remaining + self.rng.uniform(0.0, min(1.0, remaining * 0.1))
         # Stop within a millisecond of the end: a clock that rounds (virtual time does) could
@@ -257,12 +262,15 @@ class Scheduler:
             if on_wait is not None:
                 on_wait(left, "amplitude")  # a 429: Amplitude asked everyone to wait
             await anyio.sleep(min(left, WAIT_STEP))
+        return anyio.current_time() - started
 
     # -- permits --------------------------------------------------------------------------
     async def _acquire(
-        self, request: PermitRequest, on_wait: WaitCallback | None, *, gate_too: bool = False
+        self, request: PermitRequest, on_wait: WaitCallback | None, held: _Held, *,
+        gate_too: bool = False,
     ) -> tuple[Permit, bool]:
-        """Ask the backend until it grants ``request``, sleeping as long as it says.
+        """Ask the backend until it grants ``request``, sleeping as long as it says (the
+        shared pause's part of it added to ``held``).
 
         ``gate_too``: whenever the local gate is free at once, take it and ask for the slot in
         the same round trip; the second value says whether the gate and a slot came with it.
@@ -290,7 +298,7 @@ class Scheduler:
                     gate_too = False  # the slot said no: ask for the rest alone, then queue
                     continue
             if result.reason == "pause":
-                await self._sleep_out_pause(result.seconds, on_wait)
+                held.paused += await self._sleep_out_pause(result.seconds, on_wait)
                 continue
             if on_wait is not None and math.isfinite(result.seconds):
                 on_wait(result.seconds, "limits")
@@ -431,6 +439,7 @@ class Scheduler:
         settled. If one was lost before sending (the process stalled past the TTL), nothing
         is sent: the permits go back and are asked for again.
         """
+        held = _Held(since=anyio.current_time())
         while True:
             ticket = Ticket()
             leases = _Leases(renewed_at=anyio.current_time())
@@ -442,7 +451,7 @@ class Scheduler:
                     async with self._admission_lock():
                         permit, gated = await self._acquire(PermitRequest(
                             slot=False, cohort=True, quota=self.limits.monthly_quota),
-                            on_wait, gate_too=True)
+                            on_wait, held, gate_too=True)
                         leases.add(permit)
                 async with self._renewing(functools.partial(self._renew, leases)):
                     if not gated:
@@ -450,13 +459,14 @@ class Scheduler:
                         # it: a stricter test spun without awaiting (virtual time never moved).
                         while (remaining := self.paused_until - anyio.current_time()) \
                                 > PAUSE_SLACK:
-                            await self._sleep_out_pause(remaining, on_wait)
+                            held.paused += await self._sleep_out_pause(remaining, on_wait)
                         await self.gate.acquire(PRIORITY[kind])
                         gated = True
                         slot, _ = await self._acquire(PermitRequest(slot=True, cohort=False),
-                                                      on_wait)
+                                                      on_wait, held)
                         leases.add(slot)
                     if await self._still_held(leases):
+                        ticket.held = held.by_reason(anyio.current_time())
                         ticket.outcome = Outcome.UNKNOWN  # from here the server may see it
                         yield ticket
                         return
@@ -470,6 +480,23 @@ class Scheduler:
                         self.gate.release()
             logger.warning("a limits lease ran out before the request was sent; nothing "
                            "was sent, asking for the permits again")
+
+
+@attrs.define
+class _Held:
+    """How long one exchange has waited for its permits, and how much of it in the pause."""
+
+    since: float
+    paused: float = 0.0
+
+    def by_reason(self, now: float) -> dict[WaitReason, float]:
+        held: dict[WaitReason, float] = {}
+        limits = now - self.since - self.paused
+        if limits > 0:
+            held["limits"] = limits
+        if self.paused > 0:
+            held["amplitude"] = self.paused
+        return held
 
 
 @attrs.define

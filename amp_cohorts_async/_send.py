@@ -11,10 +11,9 @@ policy in ``_retry.py`` whether and when to try again, and gives up with the err
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import attrs
@@ -22,13 +21,13 @@ import attrs
 from ._config import RetryPolicy
 from ._exceptions import AmplitudeError, RateLimitError, TransportError
 from ._http import ROUTE, HttpBoundary, Request, Response, parse_json
+from ._logs import log_retry
 from ._retry import decide
-from ._scheduler import Outcome, RequestKind, Scheduler, WaitCallback
+from ._scheduler import Outcome, RequestKind, Scheduler, WaitCallback, WaitReason
 from ._telemetry import OFF, Telemetry
 
-__all__ = ("SendCount", "Sender")
+__all__ = ("SendCount", "SendObserver", "Sender")
 
-logger = logging.getLogger("amp_cohorts_async")
 
 T = TypeVar("T")
 
@@ -40,12 +39,32 @@ class SendCount:
     sent: int = 0
 
 
+class SendObserver(Protocol):
+    """Hears what the requests of one piece of work (a cohort's export) go through.
+
+    ``on_wait`` is told each wait as it starts and again as a long one runs down (for a
+    progress display; None when nobody listens, so long waits are not chopped up for it);
+    ``waited`` is told each wait once it is over, with the seconds it really took;
+    ``attempting`` each attempt before it is made (``number`` 1 is the first, 2 the first
+    retry); ``retrying`` each failed attempt that will be tried again after ``delay`` seconds.
+    """
+
+    @property
+    def on_wait(self) -> WaitCallback | None: ...
+
+    def waited(self, seconds: float, reason: WaitReason) -> None: ...
+
+    def attempting(self, what: str, number: int) -> None: ...
+
+    def retrying(self, what: str, number: int, error: AmplitudeError, delay: float) -> None: ...
+
+
 class Sender:
     """Sends requests to the Amplitude host under the limits, retrying as the policy says.
 
-    ``on_wait`` (see ``observed``) hears every wait the request goes through: the limits, a
-    shared pause after a 429, a backoff before a retry. ``telemetry`` hears them too, and
-    each request and its answer.
+    ``observer`` (see ``observed``) hears every attempt, retry and wait the request goes
+    through: the limits, a shared pause after a 429, a backoff before a retry. ``telemetry``
+    hears the waits too, and each request and its answer.
     """
 
     def __init__(
@@ -54,7 +73,7 @@ class Sender:
         scheduler: Scheduler,
         retry: RetryPolicy,
         rng: random.Random,
-        on_wait: WaitCallback | None = None,
+        observer: SendObserver | None = None,
         count: SendCount | None = None,
         telemetry: Telemetry = OFF,
     ) -> None:
@@ -62,18 +81,22 @@ class Sender:
         self.scheduler = scheduler
         self.retry = retry
         self.rng = rng
-        self.on_wait = on_wait
+        self.observer = observer
         self.count = count
         self.telemetry = telemetry
 
-    def observed(self, on_wait: WaitCallback | None) -> Sender:
-        """The same sender, telling ``on_wait`` how long each wait will be."""
-        return Sender(self.boundary, self.scheduler, self.retry, self.rng, on_wait, self.count,
+    @property
+    def on_wait(self) -> WaitCallback | None:
+        return None if self.observer is None else self.observer.on_wait
+
+    def observed(self, observer: SendObserver | None) -> Sender:
+        """The same sender, telling ``observer`` what each request goes through."""
+        return Sender(self.boundary, self.scheduler, self.retry, self.rng, observer, self.count,
                       self.telemetry)
 
     def counted(self, count: SendCount) -> Sender:
         """The same sender, adding each request that leaves this machine to ``count``."""
-        return Sender(self.boundary, self.scheduler, self.retry, self.rng, self.on_wait, count,
+        return Sender(self.boundary, self.scheduler, self.retry, self.rng, self.observer, count,
                       self.telemetry)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]], *, what: str) -> T:
@@ -84,10 +107,13 @@ class Sender:
         have reached the server (5xx, a dropped connection, a read timeout) is counted as spent,
         and its retry spends another unit, so the local count never under-states Amplitude's.
         """
+        observer = self.observer
         number = 0
         with self.telemetry.call():
             while True:
                 number += 1
+                if observer is not None:
+                    observer.attempting(what, number)
                 try:
                     return await attempt()
                 except AmplitudeError as error:
@@ -95,16 +121,21 @@ class Sender:
                     if delay is None:
                         error.attempts = number
                         raise
-                    logger.info(
-                        "retrying %s in %.2fs after attempt %d: %s", what, delay, number, error
-                    )
+                    if observer is not None:
+                        observer.retrying(what, number, error, delay)
+                    else:
+                        log_retry(what, number, error, delay)
                     if isinstance(error, RateLimitError):
                         await self.scheduler.pause(delay)  # one shared pause: everyone waits
                     elif delay > 0:
-                        if self.on_wait is not None:
-                            self.on_wait(delay, "retry")
+                        on_wait = self.on_wait
+                        if on_wait is not None:
+                            on_wait(delay, "retry")
+                        started = anyio.current_time()
                         with self.telemetry.waiting("retry"):
                             await anyio.sleep(delay)
+                        if observer is not None:
+                            observer.waited(anyio.current_time() - started, "retry")
 
     async def exchange(
         self,
@@ -117,6 +148,9 @@ class Sender:
         with self.telemetry.waits(self.on_wait) as waits:
             async with self.scheduler.exchange(kind, on_wait=waits.on_wait) as ticket:
                 waits.over()
+                if self.observer is not None:
+                    for reason, seconds in ticket.held.items():
+                        self.observer.waited(seconds, reason)
                 with self.telemetry.http(request.method, request.url,
                                          request.extensions.get(ROUTE)) as call:
                     try:

@@ -145,6 +145,10 @@ async def sync_cohorts(
         if isinstance(value, AmplitudeError):
             copy = await store.verified_copy(cohort_id, looks[cohort_id].entry)
             value = _entry("failed", cohort_id, listed[cohort_id], copy, error=value)
+            observed = run.observers.get(cohort_id)
+            if observed is not None:  # what the failed export went through
+                value = attrs.evolve(value, attempts=observed.attempts,
+                                     retries=observed.retries, waited=dict(observed.waits))
         entries[cohort_id] = value
     remaining = None if quota_left is None else max(0, quota_left - spent)
     return SyncReport(entries=[entries[c] for c in cohort_ids], requests_spent=spent,
@@ -193,6 +197,8 @@ class _Run:
         self.keep_versions = keep_versions
         self.allowed = allowed
         self.count_request = count_request
+        #: Each exported cohort's observer, for what a failed export went through.
+        self.observers: dict[str, Progress] = {}
 
     async def sync_one(self, cohort: Cohort) -> SyncEntry:
         cohort_id = cohort.id
@@ -220,7 +226,8 @@ class _Run:
             try:
                 result = await export_one(
                     self.downloader, store, self.scheduler, cohort_id, self.export,
-                    Progress(self.on_progress, cohort_id), reusable=look.reusable,
+                    self.observers.setdefault(cohort_id, Progress(self.on_progress, cohort_id)),
+                    reusable=look.reusable,
                     last_computed=listed, on_new_request=self.count_request)
             except BaseException:
                 if previous is not None and await store.drop_version(
@@ -232,4 +239,6 @@ class _Run:
                 await store.update(key, cohort_id=cohort_id, versions=kept)
             return SyncEntry(cohort_id=cohort_id, action="downloaded",
                              last_computed=cohort.last_computed, path=result.path,
-                             previous_path=previous, result=result)
+                             previous_path=previous, result=result,
+                             attempts=result.attempts, retries=result.retries,
+                             waited=result.waited)

@@ -57,6 +57,8 @@ async def test_logs_and_errors_over_sockets_hold_no_secret(
     tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # root at DEBUG: httpx's and httpcore's records too
+    # httpx's lines of the library's requests only come when asked for, as here.
+    caplog.set_level(logging.DEBUG, logger="httpx")
     with FakeAmplitude(api_key=API_KEY, secret_key=SECRET, inline_threshold=100) as fake:
         fake.add_cohort("big", size=500)
         fake.inject("s3", "status", status=403)  # an S3 error message carries the URL

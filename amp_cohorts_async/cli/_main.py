@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import io
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -38,6 +39,7 @@ from .._exceptions import (
     QuotaExceededError,
     RateLimitError,
 )
+from .._logs import ENV_VAR, log_to_stream
 from .._models import IdType, MembershipIdType
 from ._commands import COMMANDS, limits_backend, run_diff
 from ._demo import run_demo
@@ -75,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "started with the same --time-scale; loopback --base-url only")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--log-format", choices=["human", "json"], default="human",
+                        help="json: the library's log lines on stderr, one JSON object each "
+                             "with its fields (cohort_id, request_id, bytes, seconds, ...), "
+                             "at INFO (DEBUG with AMP_COHORTS_LOG=debug); human (default): "
+                             "the usual output only, log lines with AMP_COHORTS_LOG=info|debug")
 
     parser = argparse.ArgumentParser(prog="amp-cohorts", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,6 +234,9 @@ async def run(args: argparse.Namespace, out: IO[str]) -> int:
     if args.command == "diff":
         return await run_diff(args, out)
     check_credentials()
+    if args.log_format == "json":
+        debug = os.environ.get(ENV_VAR, "").strip().lower() == "debug"
+        log_to_stream(logging.DEBUG if debug else logging.INFO, sys.stderr, as_json=True)
     poll = PollPolicy(initial_interval=getattr(args, "poll_interval", 2.0))
     backend = limits_backend(args.limits_url)
     try:
