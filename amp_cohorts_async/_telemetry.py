@@ -285,6 +285,9 @@ class _SpanHandle(Handle):
     """A span made current while the block runs; an exception marks it failed."""
 
     __slots__ = ("attributes", "name", "otel", "span", "token")
+    #: Whether spans may start under it: an HTTP request's span has no children, and making
+    #: it current would only cost a context switch per request.
+    has_children = True
 
     def __init__(self, otel: _Otel, name: str, attributes: dict[str, Attribute]) -> None:
         self.otel = otel
@@ -296,7 +299,9 @@ class _SpanHandle(Handle):
 
     def __enter__(self) -> Self:
         self.span = self.open()
-        self.token = self.otel.context.attach(self.otel.trace.set_span_in_context(self.span))
+        if self.has_children:
+            self.token = self.otel.context.attach(
+                self.otel.trace.set_span_in_context(self.span))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -304,7 +309,8 @@ class _SpanHandle(Handle):
         try:
             self.close(exc)
         finally:
-            self.otel.context.detach(self.token)
+            if self.has_children:
+                self.otel.context.detach(self.token)
             self.span.end()
 
     def close(self, error: BaseException | None) -> None:
@@ -358,6 +364,7 @@ class _HttpSpan(_SpanHandle):
     """One HTTP request: a CLIENT span and a ``http.client.request.duration`` point."""
 
     __slots__ = ("labels", "started", "status")
+    has_children = False
 
     def __init__(self, otel: _Otel, method: str, url: str, route: str | None) -> None:
         host, port, scheme = _server(url)
