@@ -69,7 +69,7 @@ def main() -> None:
         run(str(BIN / "pytest"), "-q", *sys.argv[2:])
     else:
         for script in ("scheduler.py", "download.py", "upload.py", "distributed.py", "sync.py",
-                       "diff.py"):
+                       "diff.py", "telemetry.py"):
             run(python(), f"benchmarks/{script}", *sys.argv[2:])
 
 
