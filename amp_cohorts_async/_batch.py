@@ -20,6 +20,7 @@ from ._download import Downloader
 from ._events import Progress, ProgressCallback
 from ._exceptions import AmplitudeError, CohortJobError, NotFoundError, QuotaExceededError
 from ._files import disk_error, remove_leftovers, safe_filename
+from ._logs import log_batch
 from ._models import CohortOutcome, CohortRequest, DownloadResult, ExportOptions
 from ._scheduler import Scheduler
 from ._store import DirectoryStore, journal_key, utc_now_iso
@@ -77,6 +78,7 @@ async def download_cohorts(
         results[cohort_id] = (CohortOutcome(cohort_id=cohort_id, error=value)
                               if isinstance(value, AmplitudeError)
                               else CohortOutcome(cohort_id=cohort_id, result=value))
+    log_batch(list(results.values()), kept=len(plan.finished))
     return [results[c] for c in cohort_ids]
 
 

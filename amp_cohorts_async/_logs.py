@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from ._exceptions import AmplitudeError
+from ._models import CohortOutcome, SyncReport
 from ._redact import redact
 
 __all__ = (
@@ -44,8 +45,10 @@ __all__ = (
     "error_fields",
     "install_httpx_quieting",
     "library_request",
+    "log_batch",
     "log_event",
     "log_retry",
+    "log_sync",
     "log_to_stream",
 )
 
@@ -83,6 +86,40 @@ def log_retry(what: str, number: int, error: AmplitudeError, delay: float, *,
     log_event("retried", "%sretrying %s in %.2fs after attempt %d: %s", prefix, what, delay,
               number, describe(error), cohort_id=cohort_id, request_id=request_id,
               attempt=number, what=what, retry_in=round(delay, 3), **error_fields(error))
+
+
+# The sync actions an operator may have to act on: told one line each.
+_NOTEWORTHY = ("missing", "too_large", "over_budget")
+
+
+def log_sync(report: SyncReport, *, dry_run: bool) -> None:
+    """A sync run's closing line (counts by action, quota), after one line per cohort that
+    was missing, too large or over the budget."""
+    for entry in report.entries:
+        if entry.action in _NOTEWORTHY:
+            log_event("skipped", "cohort %s: %s", entry.cohort_id,
+                      entry.action.replace("_", " "), cohort_id=entry.cohort_id,
+                      action=entry.action)
+    actions: dict[str, int] = {}
+    for entry in report.entries:
+        actions[entry.action] = actions.get(entry.action, 0) + 1
+    counts = ", ".join(f"{count} {action.replace('_', ' ')}"
+                       for action, count in sorted(actions.items()))
+    left = "" if report.quota_remaining is None else f", {report.quota_remaining} left"
+    log_event("synced", "%s of %d cohorts: %s; %d cohort requests spent%s",
+              "dry run" if dry_run else "sync", len(report.entries), counts or "nothing",
+              report.requests_spent, left, cohorts=len(report.entries), actions=actions,
+              requests_spent=report.requests_spent, quota_remaining=report.quota_remaining,
+              dry_run=dry_run)
+
+
+def log_batch(outcomes: list[CohortOutcome], kept: int) -> None:
+    """A batch's closing line: how many cohorts were downloaded, kept, failed."""
+    failed = sum(1 for outcome in outcomes if not outcome.ok)
+    downloaded = len(outcomes) - failed - kept
+    log_event("batch", "batch of %d cohorts: %d downloaded, %d kept from an earlier run, "
+              "%d failed", len(outcomes), downloaded, kept, failed, cohorts=len(outcomes),
+              downloaded=downloaded, kept=kept, failed=failed)
 
 
 # -- httpx's own lines for the library's requests ------------------------------------------

@@ -23,6 +23,7 @@ from ._events import Progress, ProgressCallback
 from ._exceptions import AmplitudeError
 from ._files import safe_filename
 from ._journal import JournalEntry
+from ._logs import log_sync
 from ._models import (
     Cohort,
     CohortRequest,
@@ -123,8 +124,10 @@ async def sync_cohorts(
             entries[cohort_id] = _entry("planned", cohort_id, listed[cohort_id],
                                         looks[cohort_id].copy)
         remaining = None if quota_left is None else quota_left - len(allowed)
-        return SyncReport(entries=[entries[c] for c in cohort_ids], requests_spent=0,
-                          quota_remaining=remaining)
+        report = SyncReport(entries=[entries[c] for c in cohort_ids], requests_spent=0,
+                            quota_remaining=remaining)
+        log_sync(report, dry_run=True)
+        return report
 
     spent = 0
 
@@ -151,8 +154,10 @@ async def sync_cohorts(
                                      retries=observed.retries, waited=dict(observed.waits))
         entries[cohort_id] = value
     remaining = None if quota_left is None else max(0, quota_left - spent)
-    return SyncReport(entries=[entries[c] for c in cohort_ids], requests_spent=spent,
-                      quota_remaining=remaining)
+    report = SyncReport(entries=[entries[c] for c in cohort_ids], requests_spent=spent,
+                        quota_remaining=remaining)
+    log_sync(report, dry_run=False)
+    return report
 
 
 def _entry(action: SyncAction, cohort_id: str, cohort: Cohort | None,

@@ -29,7 +29,8 @@ def events(caplog: pytest.LogCaptureFixture, cohort_id: str | None = None
            ) -> list[logging.LogRecord]:
     """The lifecycle records (those with an ``event`` field), of one cohort if given."""
     return [r for r in caplog.records if r.name == LOGGER and hasattr(r, "event")
-            and r.event != "http" and (cohort_id is None or r.cohort_id == cohort_id)]
+            and r.event != "http"
+            and (cohort_id is None or getattr(r, "cohort_id", None) == cohort_id)]
 
 
 def named(records: list[logging.LogRecord], event: str) -> list[logging.LogRecord]:
@@ -140,6 +141,26 @@ async def test_a_failed_cohort_says_its_error_type_and_what_it_went_through(
     (line,) = named(events(caplog, failed[0].cohort_id), "failed")
     assert line.error_type == "DownloadError"
     assert line.attempts == failed[0].attempts
+
+
+@pytest.mark.looptime
+async def test_a_sync_run_ends_with_one_line_and_names_what_needs_attention(
+    client: amp.CohortsClient, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    await client.sync_cohorts(["small", "large", "gone", "lost"], tmp_path, max_requests=1)
+    skipped = {(r.cohort_id, r.action) for r in named(events(caplog), "skipped")}
+    assert skipped == {("gone", "missing"), ("lost", "missing"), ("large", "over_budget")}
+    (first,) = named(events(caplog), "synced")
+    assert first.actions == {"downloaded": 1, "missing": 2, "over_budget": 1}
+    assert first.requests_spent == 1
+    assert first.quota_remaining == 499
+    assert first.cohorts == 4
+    caplog.clear()
+    await client.sync_cohorts(["small"], tmp_path)
+    (second,) = named(events(caplog), "synced")
+    assert "sync of 1 cohorts: 1 unchanged; 0 cohort requests spent" in second.getMessage()
+    assert [r.event for r in events(caplog)] == ["synced"]  # nothing else to tell
 
 
 @pytest.mark.looptime
@@ -333,5 +354,7 @@ async def test_a_200_cohort_batch_logs_one_line_per_event(
         assert kinds.count(event) == 200
     waits = kinds.count("waited")
     assert waits <= 200  # one wait for the rate windows per cohort at most
-    assert len(lines) == 600 + waits
+    (batch,) = [r for r in lines if getattr(r, "event", None) == "batch"]
+    assert (batch.cohorts, batch.downloaded, batch.failed) == (200, 200, 0)
+    assert len(lines) == 600 + waits + 1
     print(f"200 cohorts: {requests} requests, {len(lines)} INFO lines ({waits} waits)")
