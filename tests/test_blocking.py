@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import pathlib
@@ -188,6 +189,16 @@ def test_called_inside_a_running_loop_it_names_the_async_client(fake: FakeAmplit
         asyncio.run(inside())
     finally:
         client.close()
+
+
+def test_every_parameter_of_the_async_client_has_a_twin() -> None:
+    """The blocking client takes every argument of the async one (tracer_provider= and all)."""
+    blocking_signature = inspect.signature(blocking.CohortsClient)
+    for name, parameter in inspect.signature(amp.CohortsClient).parameters.items():
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+            blocking_signature.bind_partial(**{name: parameter.default})
+        else:
+            blocking_signature.bind_partial(parameter.default)
 
 
 def test_every_public_coroutine_of_the_async_client_has_a_blocking_method() -> None:

@@ -5,7 +5,9 @@ SDK's in-memory exporter and metric reader; no secret in any of them; nothing wi
 from __future__ import annotations
 
 import base64
+import json
 import pathlib
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -376,3 +378,59 @@ def test_an_error_text_carrying_a_presigned_url_is_recorded_redacted(otel: Otel)
     for text in everything_exported(otel):
         for secret in ("SIGSIGSIG", "AKIAX", TOKEN):
             assert secret not in text
+
+
+GLOBAL_PROVIDERS_SCRIPT = '''
+import asyncio, json, tempfile
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+import amp_cohorts_async as amp
+from amp_cohorts_async.testing import FakeAmplitude
+
+async def main():
+    with FakeAmplitude() as fake, tempfile.TemporaryDirectory() as directory:
+        fake.add_cohort("small", size=5)
+        def client():
+            return amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(),
+                                     poll=amp.PollPolicy(initial_interval=0.01))
+        before = client()  # made while the globals are the API's proxies
+        exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        async with before:
+            await before.download_cohort("small", directory)
+        spans_before = len(exporter.get_finished_spans())
+        async with client() as after:
+            await after.download_cohort("small", directory)
+        data = reader.get_metrics_data()
+        print(json.dumps({
+            "spans_before": spans_before,
+            "spans": sorted({s.name for s in exporter.get_finished_spans()}),
+            "metrics": sorted({m.name for r in data.resource_metrics
+                               for s in r.scope_metrics for m in s.metrics}),
+        }))
+
+asyncio.run(main())
+'''
+
+
+def test_the_global_providers_are_the_default_as_they_are_when_the_client_is_made(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The global providers can be set once per process: a process of its own.
+    script = tmp_path / "global_providers.py"
+    script.write_text(GLOBAL_PROVIDERS_SCRIPT, "utf-8")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["spans_before"] == 0  # telemetry was off for a client made before the SDK
+    assert "amplitude.cohort.export" in seen["spans"]
+    assert "GET /api/5/cohorts/request/{cohort_id}" in seen["spans"]
+    assert seen["metrics"] == ["amplitude.cohorts.exports", "http.client.request.duration"]

@@ -62,3 +62,17 @@ def typed_blocking_usage() -> None:
         columns: list[tuple[str, ...]] = [
             batch.columns for batch in blocking.iter_member_batches("x.csv", batch_rows=100)]
         print(outcomes, user_ids, columns)
+
+
+def typed_telemetry_usage() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from amp_cohorts_async import blocking
+
+    providers = {"tracer_provider": TracerProvider(), "meter_provider": MeterProvider()}
+    async_client = amp.CohortsClient("key", "secret", tracer_provider=TracerProvider(),
+                                     meter_provider=MeterProvider())
+    with blocking.CohortsClient("key", "secret", tracer_provider=TracerProvider(),
+                                meter_provider=MeterProvider()) as client:
+        print(async_client, client, providers)
