@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -434,3 +435,19 @@ def test_the_global_providers_are_the_default_as_they_are_when_the_client_is_mad
     assert "amplitude.cohort.export" in seen["spans"]
     assert "GET /api/5/cohorts/request/{cohort_id}" in seen["spans"]
     assert seen["metrics"] == ["amplitude.cohorts.exports", "http.client.request.duration"]
+
+
+@pytest.mark.looptime
+async def test_a_cancelled_export_is_counted_as_cancelled_not_failed(
+    fake: FakeAmplitude, otel: Otel, tmp_path: pathlib.Path
+) -> None:
+    async with client_for(fake, otel) as client:
+        with anyio.move_on_after(5.0):  # the job takes 10 s: cancelled while polling
+            await client.download_cohort("small", tmp_path)
+    export = one(otel.named("amplitude.cohort.export"))
+    assert (export.attributes or {})["amplitude.export.outcome"] == "cancelled"
+    poll = one(otel.named("amplitude.cohort.poll"))
+    assert (poll.attributes or {})["error.type"] == "cancelled"
+    (exported,) = otel.points("amplitude.cohorts.exports")
+    assert dict(exported.attributes) == {"amplitude.export.outcome": "cancelled",
+                                         "error.type": "cancelled"}
