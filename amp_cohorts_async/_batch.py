@@ -64,9 +64,11 @@ async def download_cohorts(
         else:
             progress.emit("queued")
 
+    observers: dict[str, Progress] = {}  # for what a failed export went through
+
     async def one(cohort_id: str) -> DownloadResult:
-        return await export_one(downloader, store, scheduler, cohort_id, export,
-                                Progress(on_progress, cohort_id),
+        progress = observers[cohort_id] = Progress(on_progress, cohort_id)
+        return await export_one(downloader, store, scheduler, cohort_id, export, progress,
                                 reusable=plan.reusable.get(cohort_id))
 
     pending = [c for c in unique if c not in plan.finished]
@@ -75,9 +77,11 @@ async def download_cohorts(
     done = await fan_out(pending, sizes, one)
     results = {c: CohortOutcome(cohort_id=c, result=r) for c, r in plan.finished.items()}
     for cohort_id, value in done.items():
-        results[cohort_id] = (CohortOutcome(cohort_id=cohort_id, error=value)
+        results[cohort_id] = (CohortOutcome(cohort_id=cohort_id, error=value,
+                                            **observers[cohort_id].tally())
                               if isinstance(value, AmplitudeError)
-                              else CohortOutcome(cohort_id=cohort_id, result=value))
+                              else CohortOutcome(cohort_id=cohort_id, result=value,
+                                                 **observers[cohort_id].tally()))
     log_batch(list(results.values()), kept=len(plan.finished))
     return [results[c] for c in cohort_ids]
 

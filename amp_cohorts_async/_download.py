@@ -146,7 +146,6 @@ class Downloader:
 
 def _reported(result: DownloadResult, progress: Progress) -> DownloadResult:
     """``result`` with what its export went through; the "downloaded" line and event."""
-    result = attrs.evolve(result, attempts=progress.attempts, retries=progress.retries,
-                          waited=dict(progress.waits))
+    result = attrs.evolve(result, **progress.tally())
     progress.downloaded(result)
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 
@@ -144,6 +145,10 @@ class Progress:
                   attempts=self.attempts, retries=self.retries, waited=self.rounded_waits(),
                   **error_fields(error))
         self.emit("failed", error=error if isinstance(error, AmplitudeError) else None)
+
+    def tally(self) -> dict[str, Any]:
+        """``attempts``, ``retries`` and ``waited``, as results and entries carry them."""
+        return {"attempts": self.attempts, "retries": self.retries, "waited": dict(self.waits)}
 
     def rounded_waits(self) -> dict[str, float]:
         return {reason: round(seconds, 3) for reason, seconds in self.waits.items()}

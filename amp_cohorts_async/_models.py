@@ -168,11 +168,19 @@ class DownloadResult:
 
 @attrs.frozen(kw_only=True)
 class CohortOutcome:
-    """One cohort's fate in ``download_cohorts``: exactly one of result / error is set."""
+    """One cohort's fate in ``download_cohorts``: exactly one of result / error is set.
+
+    ``attempts``, ``retries`` and ``waited`` say what this call's export of the cohort went
+    through (as on ``DownloadResult``), for a failed one too; zero and empty when the call
+    made no request for it (a file kept from an earlier batch).
+    """
 
     cohort_id: str
     result: DownloadResult | None = None
     error: AmplitudeError | None = None
+    attempts: int = 0
+    retries: int = 0
+    waited: Mapping[str, float] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:

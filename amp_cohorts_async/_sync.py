@@ -150,8 +150,7 @@ async def sync_cohorts(
             value = _entry("failed", cohort_id, listed[cohort_id], copy, error=value)
             observed = run.observers.get(cohort_id)
             if observed is not None:  # what the failed export went through
-                value = attrs.evolve(value, attempts=observed.attempts,
-                                     retries=observed.retries, waited=dict(observed.waits))
+                value = attrs.evolve(value, **observed.tally())
         entries[cohort_id] = value
     remaining = None if quota_left is None else max(0, quota_left - spent)
     report = SyncReport(entries=[entries[c] for c in cohort_ids], requests_spent=spent,

@@ -144,6 +144,27 @@ async def test_a_failed_cohort_says_its_error_type_and_what_it_went_through(
 
 
 @pytest.mark.looptime
+async def test_a_batch_outcome_says_what_its_export_went_through_failed_or_not(
+    fake: FakeAmplitude, tmp_path: pathlib.Path,
+) -> None:
+    fake.inject("s3", "status", status=500, times=2)  # only "large" goes through S3
+    async with amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(),
+                                 poll=FAST_POLL, retry=amp.RetryPolicy(max_attempts=2),
+                                 seed=3) as client:
+        small, large = await client.download_cohorts(["small", "large"], tmp_path)
+        again = await client.download_cohorts(["small"], tmp_path, resume=True)
+    assert large.error is not None
+    assert large.retries == 1
+    assert large.waited["retry"] > 0
+    assert large.attempts >= 4  # request, a poll, the file twice
+    assert small.result is not None
+    assert (small.attempts, small.retries, small.waited) == (
+        small.result.attempts, small.result.retries, small.result.waited)
+    assert small.attempts >= 3
+    assert (again[0].attempts, again[0].retries, again[0].waited) == (0, 0, {})  # kept
+
+
+@pytest.mark.looptime
 async def test_a_sync_run_ends_with_one_line_and_names_what_needs_attention(
     client: amp.CohortsClient, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Mapping
 
 import amp_cohorts_async as amp
 
@@ -18,6 +19,8 @@ async def typed_usage() -> None:
         done: bool = status.done
         result: amp.DownloadResult = await client.download_file(request.request_id, "x.csv")
         path: pathlib.Path = result.path
+        tries: int = result.attempts + result.retries
+        held: Mapping[str, float] = result.waited
         usage: amp.Usage = await client.get_usage()
         remaining: int = usage.remaining
 
@@ -28,6 +31,9 @@ async def typed_usage() -> None:
             ["a", "b"], "out", on_progress=show
         )
         errors: list[amp.AmplitudeError | None] = [o.error for o in outcomes]
+        retried: list[int] = [o.retries for o in outcomes]
+        report = await client.sync_cohorts(["a"], "out")
+        waits: list[Mapping[str, float]] = [entry.waited for entry in report.entries]
         upload: amp.UploadResult = await client.upload_cohort(
             name="n", app_id=1, id_type=amp.IdType.BY_USER_ID, ids=["u1"], owner="o",
             published=False,
@@ -40,7 +46,7 @@ async def typed_usage() -> None:
         skipped: list[str] = membership.memberships_result[0].skipped_ids
         async for row in amp.iter_members(path):
             user_id: str = row["user_id"]
-            print(user_id, done, remaining, errors, skipped)
+            print(user_id, done, remaining, errors, skipped, tries, held, retried, waits)
 
 
 async def typed_arrow_usage(path: pathlib.Path) -> None:
