@@ -328,8 +328,9 @@ async def test_cli_log_format_json(served: tuple[FakeAmplitude, str],
     fake, base_url = served
     fake.inject("status", "status", status=503)
     # The environment's own cache (this test's): the command line keeps its limits there.
-    env = {**os.environ, "AMPLITUDE_API_KEY": fake.api_key,
-           "AMPLITUDE_SECRET_KEY": fake.secret_key, "NO_COLOR": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k != "AMP_COHORTS_LOG"},
+           "AMPLITUDE_API_KEY": fake.api_key, "AMPLITUDE_SECRET_KEY": fake.secret_key,
+           "NO_COLOR": "1"}
     result = await anyio.run_process(
         [sys.executable, "-m", "amp_cohorts_async", "download", "small", "large", "-o",
          str(tmp_path), "--poll-interval", "0.05", "--base-url", base_url, "--log-format",
@@ -345,16 +346,30 @@ async def test_cli_log_format_json(served: tuple[FakeAmplitude, str],
         assert downloaded["level"] == "info"
         assert by_event["requested", cohort]["request_id"] == downloaded["request_id"]
     assert [o["status_code"] for o in objects if o["event"] == "retried"] == [503]
-    assert "small: done" in result.stdout.decode()  # the human output is unchanged
+    assert "small: done" in result.stdout.decode()  # the human output is unchanged...
+    assert "\nheld: 1 retry\n" in result.stdout.decode()  # ...plus what held it
     plain = await anyio.run_process(
         [sys.executable, "-m", "amp_cohorts_async", "download", "small", "-o",
          str(tmp_path / "plain"), "--poll-interval", "0.05", "--base-url", base_url, "--json"],
         env=env, check=True)
     results = json.loads(plain.stdout)
-    assert results[0]["result"]["attempts"] >= 3
-    assert results[0]["result"]["retries"] == 0
-    assert not [line for line in plain.stderr.decode().splitlines()
-                if '"logger"' in line]  # no log lines unless asked for
+    assert results[0]["result"]["attempts"] == results[0]["attempts"] >= 3
+    assert results[0]["result"]["retries"] == results[0]["retries"] == 0
+    # A sync at DEBUG: each exchange on stderr, what held it under the table.
+    fake.inject("status", "status", status=429, retry_after=2)
+    debug = await anyio.run_process(
+        [sys.executable, "-m", "amp_cohorts_async", "sync", str(tmp_path / "sync"), "large",
+         "--poll-interval", "0.05", "--base-url", base_url, "--log-format", "json"],
+        env={**env, "AMP_COHORTS_LOG": "debug"}, check=True)
+    assert "held: 2s in Amplitude's pause after a 429, 1 retry" in debug.stdout.decode()
+    lines = [json.loads(line) for line in debug.stderr.decode().splitlines()]
+    wire = [o for o in lines if o["event"] == "http"]
+    assert {o["level"] for o in wire} == {"debug"}
+    assert any(o["status_code"] == 302 and o["location"].endswith("?[redacted]") for o in wire)
+    assert [o["actions"] for o in lines if o["event"] == "synced"] == [{"downloaded": 1}]
+    assert len(_secrets(fake)) > 3  # the keys, the token, a presigned link's credentials
+    for secret in _secrets(fake):
+        assert secret not in debug.stderr.decode()
 
 
 @pytest.mark.looptime

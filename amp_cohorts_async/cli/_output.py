@@ -7,6 +7,7 @@ import functools
 import json
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import IO, Any
 
 import attrs
@@ -94,7 +95,8 @@ async def summary(outcomes: list[CohortOutcome], started: float, out: IO[str],
     rows = [(o, o.result.members if o.result is not None else None) for o in outcomes]
     if as_json:
         print_json([{"cohort_id": o.cohort_id, "members": m, "result": o.result,
-                      "error": o.error, "seconds": durations.get(o.cohort_id)}
+                      "error": o.error, "seconds": durations.get(o.cohort_id),
+                      "attempts": o.attempts, "retries": o.retries, "waited": o.waited}
                      for o, m in rows], out)
         return
     elapsed = time.monotonic() - started
@@ -129,6 +131,31 @@ async def summary(outcomes: list[CohortOutcome], started: float, out: IO[str],
                 out.write(f"{outcome.cohort_id}\t-\t-\t-\t{seconds}\tFAILED: "
                           f"{outcome.error}\n")
         out.write(f"{plural(len(outcomes), 'cohort')} in {elapsed:.1f}s\n")
+    held = held_line(outcomes)
+    if held:
+        out.write(held + "\n")
+
+
+# How the closing line names each reason a request was held.
+_HELD_FOR = {"limits": "for the rate limits", "amplitude": "in Amplitude's pause after a 429",
+             "retry": "before retries"}
+
+
+def held_line(items: Sequence[CohortOutcome | SyncEntry]) -> str | None:
+    """What the exports waited for and how often they retried, summed (None when it is
+    nothing worth a line: no retry and under a second held)."""
+    waited: dict[str, float] = {}
+    for item in items:
+        for reason, seconds in item.waited.items():
+            waited[reason] = waited.get(reason, 0.0) + seconds
+    retries = sum(item.retries for item in items)
+    if not retries and sum(waited.values()) < 1.0:
+        return None
+    parts = [f"{seconds:.0f}s {_HELD_FOR.get(reason, reason)}"
+             for reason, seconds in sorted(waited.items()) if seconds >= 0.5]
+    if retries:
+        parts.append(f"{retries:,} {'retry' if retries == 1 else 'retries'}")
+    return "held: " + ", ".join(parts)
 
 
 
@@ -196,6 +223,9 @@ def sync_summary(report: SyncReport, elapsed: float, out: IO[str], as_json: bool
         for row in rows:
             out.write("\t".join(value or "-" for value in row) + "\n")
         out.write(footer + "\n")
+    held = held_line(report.entries)
+    if held:
+        out.write(held + "\n")
     for entry in report.entries:
         done = (diffs or {}).get(entry.cohort_id)
         if done is not None and done.diff is not None and entry.previous_path is None:
