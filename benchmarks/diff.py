@@ -84,12 +84,13 @@ def duckdb_reference(old: pathlib.Path, new: pathlib.Path, out: pathlib.Path) ->
 def phases(old: pathlib.Path, new: pathlib.Path, directory: pathlib.Path) -> dict[str, float]:
     """Where one diff's time goes: each partition pass and the run-by-run comparison
     (the same private steps diff_members takes, timed one by one)."""
-    from amp_cohorts_async import _diff
+    from amp_cohorts_async import _diff, _partition
 
     work = directory / "phases"
     work.mkdir()
     seconds: dict[str, float] = {}
-    partitioner = _diff._Partitioner(work, _diff._run_count(str(old), str(new)), lambda: None)
+    partitioner = _partition.Partitioner(work, _diff._run_count(str(old), str(new)),
+                                         lambda: None)
     started = time.perf_counter()
     old_side = partitioner.partition(str(old), "old", "amplitude_id")
     seconds["partition old"] = time.perf_counter() - started

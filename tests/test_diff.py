@@ -29,14 +29,17 @@ KEYS = st.sampled_from(["", "1", "2", "3", "4", "5", '"6"', "7,8", "9\n"])  # fe
 
 
 def export_bytes(header: list[str], rows: list[list[str]], *, group: bool, compress: bool,
-                 quoting: Any) -> bytes:
+                 quoting: Any, line_end: str = "\n", last_line_end: bool = True) -> bytes:
     text = io.StringIO(newline="")
-    writer = csv.writer(text, quoting=quoting, lineterminator="\n")
+    writer = csv.writer(text, quoting=quoting, lineterminator=line_end)
     writer.writerow(header)
     for row in rows:
         writer.writerow([f"\t{value}" for value in row] if group else row)
-    data = text.getvalue().encode()
-    return gzip.compress(data) if compress else data
+    data = text.getvalue()
+    if not last_line_end:
+        data = data.removesuffix(line_end)
+    encoded = data.encode()
+    return gzip.compress(encoded) if compress else encoded
 
 
 @st.composite
@@ -54,10 +57,11 @@ def exports(draw: st.DrawFn) -> tuple[bool, str, bytes, bytes]:
     old_rows, new_rows = rows(), rows()
     header = GROUP_HEADER if group else HEADER
     quoting = draw(st.sampled_from([csv.QUOTE_ALL, csv.QUOTE_MINIMAL]))
+    line_end = draw(st.sampled_from(["\n", "\r\n"]))
     old = export_bytes(header, old_rows, group=group, compress=draw(st.booleans()),
-                       quoting=quoting)
+                       quoting=quoting, line_end=line_end, last_line_end=draw(st.booleans()))
     new = export_bytes(header, new_rows, group=group, compress=draw(st.booleans()),
-                       quoting=quoting)
+                       quoting=quoting, line_end=line_end, last_line_end=draw(st.booleans()))
     return group, key, old, new
 
 
@@ -262,3 +266,72 @@ async def test_command_line_diff_needs_no_credentials(tmp_path: pathlib.Path) ->
     result = await anyio.run_process([*command, "--key", "city"], env=env, check=False)
     assert result.returncode == 2
     assert b"has no 'city' column" in result.stderr
+
+
+def big_export(seed: int, *, group: bool, special_at: tuple[int, ...],
+               special: str = 'The "Big"\nApple') -> list[list[str]]:
+    """40k members, more than a block of the line-by-line reading; at ``special_at`` a row
+    only csv.reader can read (by default a quote and a line break in a value), the rest
+    plain."""
+    import random
+
+    rng = random.Random(seed)
+    ids = rng.sample(range(60_000), 40_000)
+    rows = [[str(i), f"user-{i}" if i % 9 else "", "Paris"] for i in ids]
+    for position in special_at:
+        rows[position][2] = special
+    rows[7][0] = rows[3][0]  # a repeated key: one member, its first row written
+    return [[f"\t{v}" for v in row[:2]] for row in rows] if group else rows
+
+
+@pytest.mark.parametrize(
+    ("special_at", "compress", "line_end", "group", "special"),
+    [
+        ((), False, b"\n", False, ""),  # every line read as it is
+        ((30_000,), False, b"\n", False, 'a "b"'),  # csv.reader from row 30,000's block on
+        ((0,), True, b"\r\n", False, "a\nb"),  # from the first row on; gzip; CRLF
+        ((30_000,), False, b"\r\n", False, "a\rb"),  # a CR that is not a line end
+        ((39_999,), False, b"\r\n", True, "a\nb"),  # the very last row; a group cohort
+        ((), True, b"\r\n", True, ""),
+    ],
+)
+async def test_big_exports_read_line_by_line_then_by_csv_reader(
+    tmp_path: pathlib.Path, special_at: tuple[int, ...], compress: bool, line_end: bytes,
+    group: bool, special: str,
+) -> None:
+    header = GROUP_HEADER if group else HEADER
+    paths = []
+    for seed, name in ((1, "old.csv"), (2, "new.csv")):
+        rows = big_export(seed, group=group, special_at=special_at, special=special)
+        data = export_bytes(header, rows, group=False, compress=False, quoting=csv.QUOTE_ALL)
+        data = b"\xef\xbb\xbf" + data.replace(b"\n", line_end).rstrip(b"\r\n")  # no last EOL
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(data) if compress else data)
+        paths.append(path)
+    for key in ("group_id", "group_name") if group else ("amplitude_id", "user_id"):
+        diff = await amp.diff_members(*paths, tmp_path / key, key=key)
+        before = members(await rows_of(paths[0]), key)
+        after = members(await rows_of(paths[1]), key)
+        assert (diff.entering, diff.exiting, diff.unchanged) == (
+            len(after.keys() - before.keys()), len(before.keys() - after.keys()),
+            len(before.keys() & after.keys()))
+        assert diff.entering > 10_000
+        written = await rows_of(diff.entering_path)
+        assert sorted(map(sorted, map(dict.items, written))) == sorted(
+            map(sorted, map(dict.items, (after[k] for k in after.keys() - before.keys()))))
+        exiting = await rows_of(diff.exiting_path)
+        assert {row[key] for row in exiting} == before.keys() - after.keys()
+        if not special_at:  # plain rows are copied as they are, their line ends too
+            raw = paths[1].read_bytes()
+            new_lines = (gzip.decompress(raw) if compress else raw).splitlines(keepends=True)
+            rows = diff.entering_path.read_bytes().splitlines(keepends=True)[1:]
+            assert set(rows) <= set(new_lines)
+            assert {row[-len(line_end):] for row in rows} == {line_end}
+
+
+async def test_a_nul_in_a_value_is_read_as_iter_members_reads_it(tmp_path: pathlib.Path) -> None:
+    old = tmp_path / "old.csv"
+    old.write_bytes(b'"amplitude_id","user_id"\n"2","c"\n"1","a\x00b"\n')
+    new = write(tmp_path / "new.csv", '"amplitude_id","user_id"', '"2","c"')
+    diff = await amp.diff_members(old, new, tmp_path / "out")
+    assert await rows_of(diff.exiting_path) == [{"amplitude_id": "1", "user_id": "a\x00b"}]
