@@ -132,10 +132,11 @@ class Sender:
                         if on_wait is not None:
                             on_wait(delay, "retry")
                         started = anyio.current_time()
-                        with self.telemetry.waiting("retry"):
-                            await anyio.sleep(delay)
+                        await anyio.sleep(delay)
+                        slept = anyio.current_time() - started
                         if observer is not None:
-                            observer.waited(anyio.current_time() - started, "retry")
+                            observer.waited(slept, "retry")
+                        self.telemetry.waited({"retry": slept})
 
     async def exchange(
         self,
@@ -145,38 +146,37 @@ class Sender:
     ) -> T:
         """One exchange under a permit: ``handle`` reads a 2xx/3xx response; errors raise."""
         request = build()  # before the permit: a request that cannot be built costs nothing
-        with self.telemetry.waits(self.on_wait) as waits:
-            async with self.scheduler.exchange(kind, on_wait=waits.on_wait) as ticket:
-                waits.over()
-                if self.observer is not None:
-                    for reason, seconds in ticket.held.items():
-                        self.observer.waited(seconds, reason)
-                with self.telemetry.http(request.method, request.url,
-                                         request.extensions.get(ROUTE)) as call:
-                    try:
-                        response = await self.boundary.send(request)
-                    except TransportError as error:
-                        ticket.outcome = (Outcome.NOT_SENT if error.never_sent
-                                          else Outcome.UNKNOWN)
-                        if not error.never_sent and self.count is not None:
-                            self.count.sent += 1
-                        raise
-                    if self.count is not None:
+        async with self.scheduler.exchange(kind, on_wait=self.on_wait) as ticket:
+            if self.observer is not None:
+                for reason, seconds in ticket.held.items():
+                    self.observer.waited(seconds, reason)
+            self.telemetry.waited(ticket.held)
+            with self.telemetry.http(request.method, request.url,
+                                     request.extensions.get(ROUTE)) as call:
+                try:
+                    response = await self.boundary.send(request)
+                except TransportError as error:
+                    ticket.outcome = (Outcome.NOT_SENT if error.never_sent
+                                      else Outcome.UNKNOWN)
+                    if not error.never_sent and self.count is not None:
                         self.count.sent += 1
-                    code = response.status_code
-                    call.answered(code)
-                    if code < 400:
-                        outcome = Outcome.ACCEPTED
-                    elif code < 500:
-                        outcome = Outcome.REFUSED
-                    else:
-                        outcome = Outcome.UNKNOWN
-                    ticket.answered(anyio.current_time(), outcome)
-                    try:
-                        await self.boundary.raise_for_status(response)
-                        return await handle(response)
-                    finally:
-                        await response.aclose()
+                    raise
+                if self.count is not None:
+                    self.count.sent += 1
+                code = response.status_code
+                call.answered(code)
+                if code < 400:
+                    outcome = Outcome.ACCEPTED
+                elif code < 500:
+                    outcome = Outcome.REFUSED
+                else:
+                    outcome = Outcome.UNKNOWN
+                ticket.answered(anyio.current_time(), outcome)
+                try:
+                    await self.boundary.raise_for_status(response)
+                    return await handle(response)
+                finally:
+                    await response.aclose()
 
     async def call(
         self,

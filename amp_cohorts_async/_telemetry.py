@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import urlsplit
@@ -41,16 +42,17 @@ import anyio
 
 from ._exceptions import InvalidRequestError
 from ._redact import redact, redact_query_values
+from ._scheduler import WaitReason
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
     from opentelemetry.metrics import Meter
     from opentelemetry.trace import Span, Tracer
 
-__all__ = ("OFF", "QUIET", "Handle", "Telemetry", "telemetry_for")
+__all__ = ("NOTED_WAIT", "OFF", "QUIET", "Handle", "Telemetry", "telemetry_for")
 
 NAME = "amp_cohorts_async"
 Phase = Literal["request", "poll", "download"]
-WaitReporter = Callable[[float, Any], None]  # the scheduler's WaitCallback, reason as text
 Attribute = str | int | float | bool
 
 # The semantic convention's advised boundaries for http.client.request.duration.
@@ -60,6 +62,9 @@ _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5
 _WAIT_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
                  3600.0)
 _DEFAULT_PORTS = {"https": 443, "http": 80}
+# Holds shorter than this (an uncontended grant, a round trip to a shared backend) are not
+# waits worth a span; the hold of every exchange is measured, so most are that short.
+NOTED_WAIT = 0.001
 
 # The export span of the running cohort (wait spans hang from it), and the count of requests
 # sent so far for the current call (its next request's resend count). Set only with an SDK.
@@ -91,23 +96,6 @@ class Handle:
 QUIET = Handle()
 
 
-class Waits(Handle):
-    """Hears the scheduler's wait reports for one exchange; this base only passes them on."""
-
-    __slots__ = ("forward",)
-
-    def __init__(self, forward: WaitReporter | None) -> None:
-        self.forward = forward
-
-    @property
-    def on_wait(self) -> WaitReporter | None:
-        """What the scheduler is to call when it makes the exchange wait."""
-        return self.forward
-
-    def over(self) -> None:
-        """The permit was granted: whatever wait there was has ended."""
-
-
 class Telemetry:
     """No telemetry: every hook is a no-op. ``_Otel`` overrides each."""
 
@@ -134,12 +122,8 @@ class Telemetry:
         """Around one HTTP request and the handling of its answer."""
         return QUIET
 
-    def waits(self, forward: WaitReporter | None) -> Waits:
-        return Waits(forward)
-
-    def waiting(self, reason: str) -> Handle:
-        """Around a wait the caller sleeps out itself (a retry's backoff)."""
-        return QUIET
+    def waited(self, held: Mapping[WaitReason, float]) -> None:
+        """A wait that just ended: seconds by reason (``limits``, ``amplitude``, ``retry``)."""
 
     def quota_left(self, remaining: int) -> None:
         """Amplitude's usage answer: ``remaining`` cohort requests left this month."""
@@ -233,13 +217,28 @@ class _Otel(Telemetry):
     def http(self, method: str, url: object, route: str | None) -> Handle:
         return _HttpSpan(self, method, str(url), route)
 
-    def waits(self, forward: WaitReporter | None) -> Waits:
-        return _WaitSpans(self, forward)
+    def waited(self, held: Mapping[WaitReason, float]) -> None:
+        """A span and a metric point per reason, laid end to end up to now (the order of a
+        pause and a queue within one hold is not known: the pause is shown first)."""
+        end = time.time_ns()
+        start = end - sum(int(seconds * 1e9) for seconds in held.values())
+        for reason, seconds in held.items():
+            if seconds < NOTED_WAIT:
+                continue
+            attributes: dict[str, Attribute] = {"amplitude.wait.reason": reason}
+            self.wait_durations.record(seconds, attributes)
+            stop = start + int(seconds * 1e9)
+            span = self.tracer.start_span(
+                "amplitude.cohort.wait", context=self._export_context(), attributes=attributes,
+                start_time=start)
+            span.end(end_time=stop)
+            start = stop
 
-    def waiting(self, reason: str) -> Handle:
-        waits = _WaitSpans(self, None)
-        waits.hear(0.0, reason)
-        return waits
+    def _export_context(self) -> Context | None:
+        """The running export's span as a parent (waits hang from the export, beside its
+        phases), or None: the current span."""
+        export = _EXPORT.get()
+        return None if export is None else self.trace.set_span_in_context(export)
 
     def quota_left(self, remaining: int) -> None:
         self.remaining = remaining
@@ -250,11 +249,10 @@ class _Otel(Telemetry):
             self.remaining = max(0, self.remaining - 1)
             self.quota.set(self.remaining)
 
-    def start(self, name: str, attributes: dict[str, Attribute], *, client: bool = False,
-              parent: Span | None = None) -> Span:
+    def start(self, name: str, attributes: dict[str, Attribute], *,
+              client: bool = False) -> Span:
         kind = self.trace.SpanKind.CLIENT if client else self.trace.SpanKind.INTERNAL
-        context = None if parent is None else self.trace.set_span_in_context(parent)
-        return self.tracer.start_span(name, context=context, kind=kind, attributes=attributes,
+        return self.tracer.start_span(name, kind=kind, attributes=attributes,
                                       record_exception=False, set_status_on_exception=False)
 
     def failed(self, span: Span, error: BaseException, kind: str | None = None) -> str:
@@ -415,42 +413,3 @@ def _server(url: str) -> tuple[str, int, str]:
                 parts.scheme)
     except ValueError:
         return "", 0, ""
-
-
-class _WaitSpans(Waits):
-    """Turns the scheduler's wait reports into one wait span (and metric point) per reason
-    in a row; the reports repeat as a long wait runs down, and only a change of reason
-    starts a new span."""
-
-    __slots__ = ("otel", "reason", "span", "started")
-
-    def __init__(self, otel: _Otel, forward: WaitReporter | None) -> None:
-        super().__init__(forward)
-        self.otel = otel
-        self.reason: str | None = None
-
-    @property
-    def on_wait(self) -> WaitReporter:
-        return self.hear
-
-    def hear(self, seconds: float, reason: str) -> None:
-        if reason != self.reason:
-            self.over()
-            self.reason = reason
-            self.started = anyio.current_time()
-            self.span = self.otel.start("amplitude.cohort.wait",
-                                        {"amplitude.wait.reason": reason}, parent=_EXPORT.get())
-        if self.forward is not None:
-            self.forward(seconds, reason)
-
-    def over(self) -> None:
-        if self.reason is None:
-            return
-        self.otel.wait_durations.record(anyio.current_time() - self.started,
-                                        {"amplitude.wait.reason": self.reason})
-        self.span.end()
-        self.reason = None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.over()
