@@ -2,14 +2,16 @@
 
 ``telemetry_for`` is asked once per client. Without ``opentelemetry-api``, or with it but no
 SDK behind the providers (the API's global providers are proxies that drop everything until
-an SDK is installed), it returns ``OFF``: every hook hands back the shared ``QUIET`` handle,
-so the send path and the scheduler make no span, read no clock and build no attributes.
+an SDK is installed), it returns ``OFF``: every hook does nothing (the span hooks hand back
+the shared ``QUIET`` handle), so the send path makes no span, reads no clock and builds no
+attributes, and the scheduler and the S3 transfer loop are never called into.
 Otherwise ``_Otel`` reports through the providers given to the client, or the global ones.
 
 Spans: ``amplitude.cohort.export`` per cohort exported, its phases ``amplitude.cohort.request``,
 ``.poll`` and ``.download``, and beside them ``amplitude.cohort.wait`` for each time the
-limits, a 429's shared pause or a retry's backoff held the cohort (``amplitude.wait.reason``:
-``limits``, ``amplitude``, ``retry``); ``amplitude.cohorts.sync`` around a sync run; one
+limits, a 429's shared pause or a retry's backoff held the cohort for a millisecond or more
+(``amplitude.wait.reason``: ``limits``, ``amplitude``, ``retry``), laid over the seconds the
+scheduler measured (the same ones ``DownloadResult.waited`` adds up); ``amplitude.cohorts.sync`` around a sync run; one
 CLIENT span per HTTP request, named ``{method} {route template}`` (``GET`` alone for a
 presigned URL), with the HTTP client semantic-convention attributes. The HTTP span ends once
 the answer is handled (for a file, once its body is on disk), and its

@@ -185,7 +185,7 @@ async def test_retries_carry_resend_counts_error_types_and_wait_spans(
     fake.inject("status", status=429, retry_after=3.0)
     fake.inject("status", status=503)
     async with client_for(fake, otel) as client:
-        await client.download_cohort("small", tmp_path)
+        result = await client.download_cohort("small", tmp_path)
 
     export = one(otel.named("amplitude.cohort.export"))
     statuses = sorted(otel.named("GET /api/5/cohorts/request-status/{request_id}"),
@@ -210,6 +210,8 @@ async def test_retries_carry_resend_counts_error_types_and_wait_spans(
               for p in otel.points("amplitude.cohorts.limits.wait.duration")}
     assert waited["amplitude"] >= 3.0  # virtual seconds: the Retry-After, sat out
     assert waited["retry"] > 0.0
+    # The same seconds the result reports, from the same measurement.
+    assert waited == pytest.approx(result.waited, abs=1e-3)
 
 
 @pytest.mark.looptime
