@@ -11,9 +11,10 @@ Spans: ``amplitude.cohort.export`` per cohort exported, its phases ``amplitude.c
 ``.poll`` and ``.download``, and beside them ``amplitude.cohort.wait`` for each time the
 limits, a 429's shared pause or a retry's backoff held the cohort for a millisecond or more
 (``amplitude.wait.reason``: ``limits``, ``amplitude``, ``retry``), laid over the seconds the
-scheduler measured (the same ones ``DownloadResult.waited`` adds up); ``amplitude.cohorts.sync`` around a sync run; one
-CLIENT span per HTTP request, named ``{method} {route template}`` (``GET`` alone for a
-presigned URL), with the HTTP client semantic-convention attributes. The HTTP span ends once
+scheduler measured (the same ones ``DownloadResult.waited`` adds up);
+``amplitude.cohorts.sync`` around a sync run; one CLIENT span per HTTP request, named
+``{method} {route template}`` (``GET`` alone for a presigned URL), with the HTTP client
+semantic-convention attributes. The HTTP span ends once
 the answer is handled (for a file, once its body is on disk), and its
 ``http.request.resend_count`` counts the requests sent before it for the same call: retries,
 and the redirect from ``/file`` to the presigned URL.
