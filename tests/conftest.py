@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -16,6 +17,14 @@ from amp_cohorts_async.testing import FakeAmplitude, threads_visible_to_looptime
 
 # Fast polling keeps virtual-time tests short; the limits stay Amplitude's real ones.
 FAST_POLL = amp.PollPolicy(initial_interval=1.0, max_interval=5.0, deadline=3600.0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started as a background job of a script (``cmd &``) inherits Ctrl-C ignored, and
+    every process it starts would too: the tests that Ctrl-C a child would see it run on. The
+    children get Python's own Ctrl-C behaviour back, whatever the shell did."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 async def finished_export(client: amp.CohortsClient, cohort_id: str) -> amp.CohortRequest:
