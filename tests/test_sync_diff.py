@@ -7,9 +7,13 @@ import json
 import pathlib
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 
 import amp_cohorts_async as amp
+from amp_cohorts_async._models import ExportOptions
+from amp_cohorts_async._store import DirectoryStore
+from amp_cohorts_async.cli._sync_diff import SyncDiff, diff_downloads
 from amp_cohorts_async.testing import FakeAmplitude
 
 from .test_cli import cli
@@ -157,3 +161,48 @@ async def test_diff_needs_a_kept_version(
     assert code == 2
     assert "--keep-versions 2 or more" in err
     assert fake.cohort_requests == 0
+
+
+@pytest.mark.looptime
+async def test_overlapping_runs_diff_one_copy_at_a_time_and_only_the_copy_in_place(
+    fake: FakeAmplitude, client: amp.CohortsClient, tmp_path: pathlib.Path
+) -> None:
+    export = ExportOptions(props=False, prop_keys=())
+    await client.sync_cohorts(["small"], tmp_path)
+    fake.touch("small")
+    replaced = await client.sync_cohorts(["small"], tmp_path)
+    fake.touch("small")
+    current = await client.sync_cohorts(["small"], tmp_path)
+    assert [e.action for e in replaced.entries + current.entries] == ["downloaded"] * 2
+
+    # The first of the two runs diffs late: the copy it downloaded is gone, its version pruned.
+    assert await diff_downloads(replaced, tmp_path, export) == {
+        "small": SyncDiff(None, replaced=True)}
+    assert not (tmp_path / "small.diff").exists()
+
+    # While another run holds the cohort (exporting it, or diffing it), the diff waits.
+    taken, release = anyio.Event(), anyio.Event()
+
+    async def hold() -> None:
+        async with DirectoryStore(tmp_path).cohort_lock("small"):
+            taken.set()
+            await release.wait()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(hold)
+        await taken.wait()
+        done: dict[str, SyncDiff] = {}
+
+        async def diff() -> None:
+            done.update(await diff_downloads(current, tmp_path, export))
+
+        group.start_soon(diff)
+        await anyio.sleep(0.5)
+        assert not done
+        assert not (tmp_path / "small.diff").exists()
+        release.set()
+    diff_of_small = done["small"].diff
+    assert diff_of_small is not None
+    (previous,) = (tmp_path / "versions" / "small").iterdir()
+    assert keys_of(diff_of_small.entering_path, "amplitude_id") == (
+        keys_of(tmp_path / "small.csv", "amplitude_id") - keys_of(previous, "amplitude_id"))

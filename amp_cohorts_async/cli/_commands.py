@@ -282,7 +282,10 @@ async def cmd_sync(client: CohortsClient, args: argparse.Namespace, out: IO[str]
             prop_keys=tuple(args.prop_key), max_requests=args.max_requests,
             dry_run=args.dry_run, keep_versions=args.keep_versions, on_progress=view,
         )
-    diffs = await diff_downloads(report) if args.diff else None
+    diffs = None
+    if args.diff:
+        diffs = await diff_downloads(report, args.directory, export_options(
+            args.props or bool(args.prop_key), tuple(args.prop_key)))
     sync_summary(report, time.monotonic() - started, out, args.json, diffs)
     if args.dry_run and not args.json:
         needed = report.count("planned") + report.count("over_budget")

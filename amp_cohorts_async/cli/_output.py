@@ -179,6 +179,8 @@ def _sync_row(entry: SyncEntry, diffs: dict[str, SyncDiff] | None) -> tuple[str,
     done = diffs.get(entry.cohort_id)
     if done is None:
         return (*row, "", "")
+    if done.replaced:
+        return (*row, "replaced since", "")
     if done.diff is None:
         return (*row, f"diff failed: {done.error}", "")
     return (*row, f"{done.diff.entering:,}", f"{done.diff.exiting:,}")
@@ -190,7 +192,8 @@ def _sync_json(report: SyncReport, diffs: dict[str, SyncDiff]) -> dict[str, Any]
     data: dict[str, Any] = _jsonable(report)
     for entry in data["entries"]:
         done = diffs.get(entry["cohort_id"])
-        entry["diff"] = (None if done is None else _jsonable(done.diff) if done.error is None
+        entry["diff"] = (None if done is None else {"replaced": True} if done.replaced
+                         else _jsonable(done.diff) if done.error is None
                          else {"error": _jsonable(done.error)})
     return data
 
@@ -231,3 +234,6 @@ def sync_summary(report: SyncReport, elapsed: float, out: IO[str], as_json: bool
         if done is not None and done.diff is not None and entry.previous_path is None:
             out.write(f"{entry.cohort_id}: no earlier version to compare with; every member "
                       f"counts as entering\n")
+        elif done is not None and done.replaced:
+            out.write(f"{entry.cohort_id}: another sync replaced this copy before its diff; "
+                      f"that run's diff describes the copy now in place\n")

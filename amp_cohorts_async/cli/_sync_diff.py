@@ -12,6 +12,11 @@ none exiting -- what a destination that applies deltas needs to start from.
 
 By which key: ``amplitude_id``, or ``group_id`` for a group cohort (whose exports have no
 ``amplitude_id``).
+
+Runs on one directory may overlap (the sync allows it), so each diff holds the cohort's export
+lock, the one the sync holds while it replaces a copy: no other run replaces the copy or
+prunes the version being read while the diff runs. A copy that another run replaced before
+the diff began is left to that run, whose diff describes the copy now in place.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import attrs
 from .._diff import ENTERING_NAME, EXITING_NAME, MembershipDiff, diff_members
 from .._exceptions import AmplitudeError
 from .._members import _strip_tabs, first_record, unreadable_as_errors
-from .._models import SyncEntry, SyncReport
+from .._models import ExportOptions, SyncEntry, SyncReport
+from .._store import DirectoryStore, journal_key
 
 __all__ = ("SyncDiff", "diff_directory", "diff_downloads")
 
@@ -36,10 +42,12 @@ _KEYS = ("amplitude_id", "group_id")  # a user cohort's key, else a group cohort
 
 @attrs.frozen
 class SyncDiff:
-    """One downloaded cohort's diff: written, or why not (the download stands either way)."""
+    """One downloaded cohort's diff: written, or why not (the download stands either way);
+    ``replaced``: another run replaced the copy before its diff began (none written)."""
 
     diff: MembershipDiff | None
     error: AmplitudeError | None = None
+    replaced: bool = False
 
 
 def diff_directory(copy: pathlib.Path) -> pathlib.Path:
@@ -50,25 +58,33 @@ def diff_directory(copy: pathlib.Path) -> pathlib.Path:
     return copy.with_suffix(DIFF_SUFFIX)
 
 
-async def diff_downloads(report: SyncReport) -> dict[str, SyncDiff]:
-    """The diff of each ``downloaded`` entry, by cohort id, one after the other (each is a
-    worker thread's CPU and disk work already)."""
-    return {entry.cohort_id: await _diff_one(entry) for entry in report.entries
-            if entry.action == "downloaded" and entry.path is not None}
+async def diff_downloads(report: SyncReport, directory: str | os.PathLike[str],
+                         export: ExportOptions) -> dict[str, SyncDiff]:
+    """The diff of each ``downloaded`` entry of a sync of ``directory`` with ``export``, by
+    cohort id, one after the other (each is a worker thread's CPU and disk work already)."""
+    store = DirectoryStore(pathlib.Path(directory))
+    return {entry.cohort_id: await _diff_one(entry, store, export)
+            for entry in report.entries if entry.action == "downloaded"}
 
 
-async def _diff_one(entry: SyncEntry) -> SyncDiff:
-    assert entry.path is not None  # diff_downloads asks for a downloaded copy
-    out_dir = diff_directory(entry.path)
-    # An empty "previous" file: every member enters.
-    previous = entry.previous_path if entry.previous_path is not None else os.devnull
-    try:
-        key = await anyio.to_thread.run_sync(_key_of, entry.path)
-        return SyncDiff(await diff_members(previous, entry.path, out_dir, key=key))
-    except AmplitudeError as error:
-        # The files of the previous change would now describe the wrong one.
-        await anyio.to_thread.run_sync(_remove_stale, out_dir)
-        return SyncDiff(None, error)
+async def _diff_one(entry: SyncEntry, store: DirectoryStore, export: ExportOptions
+                    ) -> SyncDiff:
+    assert entry.path is not None  # downloaded
+    assert entry.result is not None
+    async with store.cohort_lock(entry.cohort_id):
+        current = (await store.load(set_aside=False)).get(journal_key(entry.cohort_id, export))
+        if current is None or current.sha256 != entry.result.sha256:
+            return SyncDiff(None, replaced=True)
+        out_dir = diff_directory(entry.path)
+        # An empty "previous" file: every member enters.
+        previous = entry.previous_path if entry.previous_path is not None else os.devnull
+        try:
+            key = await anyio.to_thread.run_sync(_key_of, entry.path)
+            return SyncDiff(await diff_members(previous, entry.path, out_dir, key=key))
+        except AmplitudeError as error:
+            # The files of the previous change would now describe the wrong one.
+            await anyio.to_thread.run_sync(_remove_stale, out_dir)
+            return SyncDiff(None, error)
 
 
 def _key_of(copy: pathlib.Path) -> str:
