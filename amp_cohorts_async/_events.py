@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from ._exceptions import AmplitudeError
-from ._logs import LOGGED_WAIT, describe, error_fields, log_event, log_retry
+from ._logs import LOGGED_WAIT, TOLD_WAIT, describe, error_fields, log_event, log_retry
 from ._models import DownloadResult, Phase, ProgressEvent
 
 __all__ = ("Progress", "ProgressCallback")
@@ -91,8 +91,8 @@ class Progress:
 
     def waited(self, seconds: float, reason: str) -> None:
         self.waits[reason] = self.waits.get(reason, 0.0) + seconds
-        if reason == "retry":
-            return  # the "retried" line already said how long
+        if reason == "retry" or seconds < TOLD_WAIT:
+            return  # the "retried" line already said how long; a moment is not news
         log_event("waited", "cohort %s: waited %.1fs (%s)", self.cohort_id, seconds, reason,
                   level=logging.INFO if seconds >= LOGGED_WAIT else logging.DEBUG,
                   cohort_id=self.cohort_id, request_id=self.request_id,

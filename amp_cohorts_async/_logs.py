@@ -39,6 +39,7 @@ from ._redact import redact
 __all__ = (
     "ENV_VAR",
     "LOGGED_WAIT",
+    "TOLD_WAIT",
     "JsonFormatter",
     "configure_from_env",
     "describe",
@@ -59,6 +60,9 @@ LEVELS = {"info": logging.INFO, "debug": logging.DEBUG}
 #: Waits shorter than this are told at DEBUG only: a queue of a few milliseconds for the
 #: concurrency gate is not news to an operator, and there would be one for many exchanges.
 LOGGED_WAIT = 1.0
+#: Shorter than this, a wait is not told at all (it is still counted in the result): every
+#: exchange spends a moment getting its permits, a round trip to a shared backend included.
+TOLD_WAIT = 0.05
 HUMAN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -255,6 +255,9 @@ async def test_no_secret_in_any_record_its_args_or_fields(
                 result = await client.download_cohort("big", tmp_path)
         secrets = _secrets(fake)
     assert result.retries >= 3
+    # Real time: every exchange spent a moment getting its permits; counted, not told.
+    assert result.waited["limits"] > 0
+    assert all(r.seconds >= 0.05 for r in caplog.records if getattr(r, "event", "") == "waited")
     signatures = [s for s in secrets if s not in (fake.api_key, fake.secret_key)]
     assert len(signatures) >= 4, "three links were handed out, each signed"
     names = {r.name for r in caplog.records}
