@@ -213,7 +213,10 @@ def configure_from_env() -> None:
     if _env_applied:
         return
     _env_applied = True
-    level = LEVELS.get(os.environ.get(ENV_VAR, "").strip().lower())
+    asked = os.environ.get(ENV_VAR, "").strip().lower()
+    level = LEVELS.get(asked)
+    if asked and level is None:  # a typo must not look like "no lines today"
+        logger.warning("%s=%r is not one of %s: ignored", ENV_VAR, asked, ", ".join(LEVELS))
     if level is None or logger.handlers or logger.level != logging.NOTSET:
         return  # not asked, or the user configured the logger: theirs to decide
     if logging.getLogger().handlers:

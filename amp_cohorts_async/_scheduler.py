@@ -160,7 +160,7 @@ WaitReason = Literal["limits", "amplitude", "retry"]
 WaitCallback = Callable[[float, WaitReason], None]
 # A long wait is re-announced (and re-checked with the backend) at least this often.
 WAIT_STEP = 5.0
-PAUSE_SLACK = 1e-3  # a pause is over within this of its end (see _sleep_out_pause)
+PAUSE_SLACK = 1e-3  # the least one turn of _sleep_out_pause sleeps, so a pause always ends
 
 
 def usage_month(resets_at: datetime) -> str:
@@ -256,12 +256,13 @@ class Scheduler:
         started = anyio.current_time()
         # Spread the restart a little so a crowd does not hit the server at one instant.
         end = anyio.current_time() + remaining + self.rng.uniform(0.0, min(1.0, remaining * 0.1))
-        # Stop within a millisecond of the end: a clock that rounds (virtual time does) could
-        # otherwise wake a hair early forever.
-        while (left := end - anyio.current_time()) > PAUSE_SLACK:
+        # Every turn sleeps at least PAUSE_SLACK: a clock that rounds (virtual time does) could
+        # otherwise wake a hair early forever, and a turn that slept nothing would leave the
+        # caller asking the backend again at once, without the clock moving (a spin).
+        while (left := end - anyio.current_time()) > 0:
             if on_wait is not None:
                 on_wait(left, "amplitude")  # a 429: Amplitude asked everyone to wait
-            await anyio.sleep(min(left, WAIT_STEP))
+            await anyio.sleep(max(min(left, WAIT_STEP), PAUSE_SLACK))
         return anyio.current_time() - started
 
     # -- permits --------------------------------------------------------------------------

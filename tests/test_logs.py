@@ -313,7 +313,8 @@ async def test_the_env_switch_sends_lines_to_stderr_without_code() -> None:
 
         for key, mode, level in (("off", "plain", None), ("info", "plain", "info"),
                                  ("debug", "plain", "DEBUG"),
-                                 ("configured", "configured", "info")):
+                                 ("configured", "configured", "info"),
+                                 ("unknown", "plain", "verbose")):
             group.start_soon(one, key, mode, level)
     assert found["off"] == ""
     info = found["info"].splitlines()
@@ -324,6 +325,8 @@ async def test_the_env_switch_sends_lines_to_stderr_without_code() -> None:
     assert "DEBUG amp_cohorts_async: GET " in found["debug"]
     assert "/api/3/cohorts/usage -> 200" in found["debug"]
     assert found["configured"] == ""  # the user's logger: left as they set it
+    assert found["unknown"].strip() == (
+        "AMP_COHORTS_LOG='verbose' is not one of info, debug: ignored")  # said, not silent
 
 
 async def test_cli_log_format_json(served: tuple[FakeAmplitude, str],

@@ -49,3 +49,19 @@ async def test_a_pause_with_less_than_a_millisecond_left_is_not_a_busy_loop() ->
             client.scheduler.paused_until = anyio.current_time() + 0.0005
             usage = await client.get_usage()
     assert usage.remaining >= 0
+
+
+@pytest.mark.looptime
+@pytest.mark.timeout(10)  # a spin never awaits, so only a signal can end it
+async def test_a_backend_pause_with_less_than_a_millisecond_left_is_not_a_busy_loop() -> None:
+    """The same through the backend: a shared pause another client set (here, set on the
+    backend alone) that has under a millisecond left when a grant is asked. The grant loop
+    slept it out with a sleep that returned at once, asked again, and spun: the clock never
+    moved (a 300 s test timeout under load)."""
+    backend = amp.InMemoryLimits()
+    with FakeAmplitude() as fake:
+        async with amp.CohortsClient(fake.api_key, fake.secret_key, transport=fake.transport(),
+                                     limits_backend=backend) as client:
+            await backend.pause(0.0005)
+            usage = await client.get_usage()
+    assert usage.remaining >= 0
