@@ -1,0 +1,89 @@
+"""diff_members where its other tests left a one-line break unnoticed: the key column a
+header names twice, and the durability of the two files it publishes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+
+import pytest
+
+import amp_cohorts_async as amp
+from amp_cohorts_async import _diff as diff_module
+
+
+def write(path: pathlib.Path, *lines: str) -> pathlib.Path:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("quoted", [True, False])  # read line by line / by csv.reader
+async def test_a_key_column_named_twice_is_read_from_the_last_as_iter_members_does(
+    tmp_path: pathlib.Path, quoted: bool,
+) -> None:
+    def line(*values: str) -> str:
+        return ",".join(f'"{v}"' if quoted else v for v in values)
+
+    header = line("amplitude_id", "city", "amplitude_id")
+    old = write(tmp_path / "old.csv", header, line("9", "Paris", "1"), line("9", "Rome", "2"))
+    new = write(tmp_path / "new.csv", header, line("9", "Paris", "1"), line("8", "Oslo", "3"))
+    assert [row["amplitude_id"] async for row in amp.iter_members(new)] == ["1", "3"]
+
+    diff = await amp.diff_members(old, new, tmp_path / "out")
+
+    assert (diff.entering, diff.exiting, diff.unchanged) == (1, 1, 1)
+    assert [row["city"] async for row in amp.iter_members(diff.entering_path)] == ["Oslo"]
+    assert [row["city"] async for row in amp.iter_members(diff.exiting_path)] == ["Rome"]
+
+
+async def test_a_disk_that_reports_full_at_the_fsync_of_an_output_fails_the_diff(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A network file system may say ENOSPC only at fsync: the diff must sync each file
+    before it publishes it, or a truncated entering.csv would pass for a whole one."""
+    real_fsync = os.fsync
+    synced: list[str] = []
+
+    def fsync(descriptor: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{descriptor}")
+        synced.append(os.path.basename(name))
+        if name.endswith("exiting.csv"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(diff_module.os, "fsync", fsync)
+    old = write(tmp_path / "old.csv", '"amplitude_id"', '"1"', '"2"')
+    new = write(tmp_path / "new.csv", '"amplitude_id"', '"2"', '"3"')
+    out = tmp_path / "out"
+
+    with pytest.raises(amp.DiskError) as caught:
+        await amp.diff_members(old, new, out)
+
+    assert caught.value.errno == errno.ENOSPC
+    assert "entering.csv" in synced  # the other output was synced before it
+    assert sorted(p.name for p in out.iterdir()) == []  # neither published, no work dir left
+
+
+async def test_the_published_files_and_their_directory_are_synced(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_fsync = os.fsync
+    synced: list[str] = []
+
+    def fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(diff_module.os, "fsync", fsync)
+    old = write(tmp_path / "old.csv", '"amplitude_id"', '"1"')
+    new = write(tmp_path / "new.csv", '"amplitude_id"', '"2"')
+    out = tmp_path / "out"
+    out.mkdir()
+
+    await amp.diff_members(old, new, out)
+
+    names = [os.path.basename(path) for path in synced]
+    assert names.count("entering.csv") == names.count("exiting.csv") == 1
+    # The renames into out_dir are made durable after both files are.
+    assert synced[-1] == str(out)
