@@ -1,5 +1,6 @@
 """diff_members where its other tests left a one-line break unnoticed: the key column a
-header names twice, and the durability of the two files it publishes."""
+header names twice, an export that is not UTF-8, and the durability of the two files it
+publishes."""
 
 from __future__ import annotations
 
@@ -87,3 +88,23 @@ async def test_the_published_files_and_their_directory_are_synced(
     assert names.count("entering.csv") == names.count("exiting.csv") == 1
     # The renames into out_dir are made durable after both files are.
     assert synced[-1] == str(out)
+
+
+@pytest.mark.parametrize("side", ["old", "new"])
+async def test_an_export_that_is_not_utf8_fails_the_diff_as_iter_members_fails(
+    tmp_path: pathlib.Path, side: str,
+) -> None:
+    """Latin-1 where UTF-8 belongs (a corrupt or foreign file), in a later row that is
+    otherwise plain: refused, as iter_members refuses it, rather than diffed byte for byte."""
+    good = b'"amplitude_id","user_id"\n"2","b"\n'
+    bad = b'"amplitude_id","user_id"\n"2","b"\n"1","caf\xe9"\n'
+    (tmp_path / "old.csv").write_bytes(bad if side == "old" else good)
+    (tmp_path / "new.csv").write_bytes(bad if side == "new" else good)
+    with pytest.raises(amp.ResponseValidationError, match="not a readable cohort export"):
+        [row async for row in amp.iter_members(tmp_path / f"{side}.csv")]
+    out = tmp_path / "out"
+
+    with pytest.raises(amp.ResponseValidationError, match=f"{side}.csv is not a readable"):
+        await amp.diff_members(tmp_path / "old.csv", tmp_path / "new.csv", out)
+
+    assert sorted(p.name for p in out.iterdir()) == []
