@@ -1,17 +1,20 @@
 """diff_members where its other tests left a one-line break unnoticed: the key column a
-header names twice, an export that is not UTF-8, and the durability of the two files it
-publishes."""
+header names twice, an export that is not UTF-8, and the two files it publishes: durable,
+and not published once the caller is cancelled."""
 
 from __future__ import annotations
 
 import errno
 import os
 import pathlib
+import time
 
+import anyio
 import pytest
 
 import amp_cohorts_async as amp
 from amp_cohorts_async import _diff as diff_module
+from amp_cohorts_async._partition import Partitioner, Side
 
 
 def write(path: pathlib.Path, *lines: str) -> pathlib.Path:
@@ -106,5 +109,37 @@ async def test_an_export_that_is_not_utf8_fails_the_diff_as_iter_members_fails(
 
     with pytest.raises(amp.ResponseValidationError, match=f"{side}.csv is not a readable"):
         await amp.diff_members(tmp_path / "old.csv", tmp_path / "new.csv", out)
+
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+async def test_a_diff_cancelled_once_compared_publishes_nothing(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled after the last run is compared but before the two files are moved into
+    out_dir: the caller sees the cancellation, and out_dir holds neither file."""
+    compare_into = diff_module._compare_into
+    scope = anyio.CancelScope()
+
+    def compared_then_cancelled(work: pathlib.Path, partitioner: Partitioner, *sides: Side
+                                ) -> object:
+        comparison = compare_into(work, partitioner, *sides)
+        anyio.from_thread.run_sync(scope.cancel)
+        while True:  # until the caller's cancellation reaches this thread
+            try:
+                partitioner.check_cancelled()
+            except BaseException:
+                return comparison
+            time.sleep(0.005)
+
+    monkeypatch.setattr(diff_module, "_compare_into", compared_then_cancelled)
+    old = write(tmp_path / "old.csv", '"amplitude_id"', '"1"')
+    new = write(tmp_path / "new.csv", '"amplitude_id"', '"2"')
+    out = tmp_path / "out"
+    out.mkdir()
+
+    with scope:
+        await amp.diff_members(old, new, out)
+    assert scope.cancelled_caught
 
     assert sorted(p.name for p in out.iterdir()) == []
