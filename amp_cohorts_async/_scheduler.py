@@ -456,10 +456,7 @@ class Scheduler:
                         leases.add(permit)
                 async with self._renewing(functools.partial(self._renew, leases)):
                     if not gated:
-                        # The same slack as _sleep_out_pause, which returns at once within
-                        # it: a stricter test spun without awaiting (virtual time never moved).
-                        while (remaining := self.paused_until - anyio.current_time()) \
-                                > PAUSE_SLACK:
+                        while (remaining := self.paused_until - anyio.current_time()) > 0:
                             held.paused += await self._sleep_out_pause(remaining, on_wait)
                         await self.gate.acquire(PRIORITY[kind])
                         gated = True

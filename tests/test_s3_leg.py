@@ -77,7 +77,9 @@ async def test_cancelled_at_random_points_the_thread_stops_and_nothing_is_left(
             with anyio.move_on_after(delay) as scope:
                 await client.download_file(request.request_id, tmp_path / "big.csv")
             assert scope.cancelled_caught
-            assert time.monotonic() - started - delay < 0.5  # stopped, not waited out
+            # Stopped, not waited out (the leg's read timeout is 30 s); a generous bound keeps a
+            # loaded machine from flaking.
+            assert time.monotonic() - started - delay < 5
             assert threads_in_the_leg() == []  # the blocking read was stopped, not abandoned
             assert list(tmp_path.iterdir()) == []
             assert client.scheduler.gate.in_use == 0

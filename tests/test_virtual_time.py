@@ -39,6 +39,7 @@ async def test_a_cancelled_caller_waits_for_its_thread_unless_it_may_abandon_it(
 
 
 @pytest.mark.looptime
+@pytest.mark.timeout(10)  # a spin never awaits, so only a signal can end it
 async def test_a_pause_with_less_than_a_millisecond_left_is_not_a_busy_loop() -> None:
     """The pause ends within a millisecond of its end; the loop that waits it out must stop
     there too. It went on while less than a millisecond was left, without ever awaiting, so
